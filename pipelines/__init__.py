@@ -1,0 +1,1 @@
+"""MaaS pipelines: the config, the CLI and the steps (tune/train) in order."""

@@ -1,0 +1,272 @@
+"""The ``maas`` command. One command = one function; handlers and library verbosity are set here.
+
+Exit codes: 0 ok, 1 unexpected error, 2 bad config or arguments, 3 bad data (incl. the GX gate),
+4 registry refused (unknown model/version, nothing to roll back to).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_PIPELINE = Path(__file__).with_name("sentiment.yaml")
+EXIT_CONFIG, EXIT_DATA, EXIT_REGISTRY = 2, 3, 4
+
+log = logging.getLogger("maas")
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bar
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the per-load "LOAD REPORT"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    quiet = logging.INFO if verbose else logging.WARNING
+    for name in ("mlflow", "optuna", "great_expectations", "bentoml", "alembic", "urllib3",
+                 "httpx", "matplotlib", "PIL", "filelock", "huggingface_hub"):
+        logging.getLogger(name).setLevel(quiet)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+
+
+def _errors(fn):
+    """Map the known failures to a one-paragraph message and an exit code; no tracebacks."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipelines.config import ConfigError
+        from pipelines.data import DataError
+        from pipelines.families.text_classifier import CheckpointError
+        from pipelines.run import ValidationFailed
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, CheckpointError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+        except (DataError, ValidationFailed) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_DATA)
+        except Exception as exc:
+            from registry import RegistryError
+
+            if isinstance(exc, RegistryError):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(EXIT_REGISTRY)
+            raise
+
+    return wrapper
+
+
+def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    from pipelines.config import ConfigError
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE (e.g. tuning.n_trials=1)")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show library logs and warnings.")
+def main(verbose: bool) -> None:
+    """MaaS: turn a labelled data set into a served model.
+
+    \b
+    maas run                      run pipelines/sentiment.yaml on the embedded default
+    maas run my.yaml --set tuning.n_trials=1
+    maas models NAME              versions, aliases, metrics, promotion decisions
+    maas promote NAME VERSION     move the champion alias by hand
+    maas rollback NAME            champion back to the previous champion
+    maas build NAME@champion      bento from a registry alias
+
+    The MLflow store is MLFLOW_TRACKING_URI, else the pipeline's tracking_uri, else
+    sqlite:///mlflow.db in the working directory (see it with `mlflow ui`).
+    """
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("pipeline", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field by its dotted path (repeatable).")
+@click.option("--no-build", is_flag=True, help="Skip packaging the champion as a bento.")
+@click.option("--storage", help="Optuna RDB storage URL (default: optuna.db beside mlflow.db).")
+@click.option("--trigger", default="manual", type=click.Choice(["manual", "schedule"]),
+              help="Recorded on the run as maas.trigger.")
+@click.option("--no-resume", is_flag=True, help="Never resume an unfinished run.")
+@_errors
+def run(pipeline: Path | None, overrides: tuple[str, ...], no_build: bool, storage: str | None,
+        trigger: str, no_resume: bool) -> None:
+    """Run a pipeline file end to end (default: the packaged sentiment pipeline)."""
+    from pipelines.config import PipelineConfig
+    from pipelines.run import run_pipeline
+
+    cfg = PipelineConfig.load(pipeline or DEFAULT_PIPELINE, _parse_overrides(overrides))
+    result = run_pipeline(cfg, trigger=trigger, storage=storage, build=not no_build,
+                          resume=not no_resume)
+    click.echo(_summary(result))
+
+
+def _summary(r) -> str:
+    lines = [
+        "",
+        f"MaaS pipeline {r.pipeline!r} finished in {r.seconds:.0f} s"
+        + (" (resumed run)" if r.resumed else ""),
+        f"  MLflow run        {r.run_id}  (tracking: {r.tracking_uri}; `mlflow ui` to browse)",
+        f"  data sha256       {r.data_fingerprint[:16]}...  validation: "
+        f"{'passed' if r.validation_success else 'FAILED'}",
+        f"  Optuna study      {r.study_name}  best trial #{r.best_trial} {r.best_params}",
+        "  test metrics      " + ", ".join(f"{k}={v:.4f}" for k, v in r.test_metrics.items()),
+        f"  registered        {r.model_name} version {r.model_version} (alias challenger)",
+        f"  promoted          {'yes' if r.promoted else 'no'}: {r.decision_reason}",
+        f"  champion          {r.model_name}@champion = version {r.champion_version}",
+    ]
+    if r.bento_tag:
+        lines += [f"  bento             {r.bento_tag}",
+                  f"  serve with        {r.serve_command}"]
+    elif r.champion_version:
+        lines += [f"  bento             not rebuilt (champion unchanged); "
+                  f"`maas build {r.model_name}@champion` packages it"]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--storage", required=True, envvar="MAAS_OPTUNA_STORAGE",
+              help="Optuna RDB storage URL shared by all workers, e.g. postgresql://host/db.")
+@click.option("--worker", is_flag=True,
+              help="Only add trials to the running pipeline's study, then exit.")
+@click.option("--run-id", help="Worker: the parent MLflow run to join (default: the newest "
+                               "unfinished run of this pipeline on the same data).")
+@click.option("--wait", "wait_s", default=600.0, show_default=True,
+              help="Worker: seconds to wait for the coordinator's study to appear.")
+@click.option("--no-build", is_flag=True, help="Skip packaging the champion as a bento.")
+@_errors
+def tune(pipeline: Path, storage: str, worker: bool, run_id: str | None, wait_s: float,
+         no_build: bool) -> None:
+    """Distributed tuning: many processes/machines share one Optuna study in an RDB storage.
+
+    \b
+    coordinator:  maas tune PIPELINE.yaml --storage postgresql://.../optuna
+                  (the whole pipeline; it tunes too, then evaluates, registers, promotes)
+    workers:      maas tune PIPELINE.yaml --storage postgresql://.../optuna --worker
+    The trial budget (tuning.n_trials) is met exactly, whatever the number of workers.
+    """
+    from pipelines.config import PipelineConfig
+    from pipelines.run import join_study, run_pipeline
+
+    cfg = PipelineConfig.load(pipeline)
+    if worker:
+        name = join_study(cfg, storage, run_id=run_id, wait_s=wait_s)
+        click.echo(f"worker done: study {name} has its {cfg.tuning.n_trials} trials")
+        return
+    result = run_pipeline(cfg, storage=storage, build=not no_build)
+    click.echo(_summary(result))
+
+
+@main.command()
+@click.argument("pipeline", required=False, type=click.Path(path_type=Path))
+@_errors
+def validate(pipeline: Path | None) -> None:
+    """Check a pipeline's config and data against its expectation suite only (no MLflow run)."""
+    from pipelines.config import PipelineConfig
+    from pipelines.data import load_data
+    from validation import validate as gx_validate
+
+    cfg = PipelineConfig.load(pipeline or DEFAULT_PIPELINE)
+    raw = load_data(cfg.data)
+    report = gx_validate(raw.all_rows[["text", "label"]], cfg.validation.suite)
+    click.echo(report.summary())
+    if not report.success:
+        sys.exit(EXIT_DATA)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version")
+@_errors
+def promote(name: str, version: str) -> None:
+    """Make VERSION of model NAME the champion (recorded on the version, with the previous one)."""
+    from registry import champion
+    from registry import promote as do_promote
+
+    do_promote(name, version, None, actor=f"manual:{os.environ.get('USER', 'unknown')}")
+    now = champion(name)
+    click.echo(f"{name}@champion = version {now.version if now else None}")
+
+
+@main.command()
+@click.argument("name")
+@_errors
+def rollback(name: str) -> None:
+    """Move the champion alias of NAME back to the previous champion."""
+    from registry import rollback as do_rollback
+
+    version = do_rollback(name)
+    click.echo(f"{name}@champion = version {version} (rolled back)")
+
+
+@main.command()
+@click.argument("name")
+@_errors
+def models(name: str) -> None:
+    """List the versions of NAME with aliases, test metrics and promotion decisions."""
+    from registry import describe, format_table
+
+    click.echo(format_table(describe(name)))
+
+
+@main.command()
+@click.argument("ref", metavar="NAME@ALIAS")
+@click.option("--quantize", is_flag=True, help="Dynamic int8 quantisation (CPU deployments).")
+@click.option("--max-batch-size", type=int, default=32, show_default=True)
+@click.option("--max-latency-ms", type=int, default=200, show_default=True)
+@_errors
+def build(ref: str, quantize: bool, max_batch_size: int, max_latency_ms: int) -> None:
+    """Build a bento from a registry alias, e.g. `maas build sst2-sentiment@champion`."""
+    from bentos import BentoSettings, build_bento
+    from pipelines.config import ConfigError
+
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        uri = f"models:/{name}@{alias}"
+    elif "/" in ref:
+        uri = f"models:/{ref}"
+    else:
+        raise ConfigError(f"{ref!r}: expected NAME@ALIAS (or NAME/VERSION)")
+    built = build_bento(uri, BentoSettings(quantize=quantize, max_batch_size=max_batch_size,
+                                           max_latency_ms=max_latency_ms))
+    click.echo(f"bento {built.bento_tag} (model {built.model_name} v{built.model_version})\n"
+               f"serve with: {built.serve_command}")
+
+
+def _register_subcommands() -> None:
+    from pipelines.schedule import schedule_command
+
+    main.add_command(schedule_command, "schedule")
+
+
+_register_subcommands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

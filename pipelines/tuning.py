@@ -1,0 +1,345 @@
+"""Optuna tuning where every trial is a nested MLflow run, logged live (not after the trial).
+
+The study lives in an Optuna RDB storage (SQLite by default, PostgreSQL to share it between worker
+processes or machines). Each trial reports the validation metric after every epoch so the pruner can
+stop it; the trial's MLflow run carries its params, per-epoch metrics and its final state
+(``maas.trial_state`` = COMPLETE / PRUNED / FAIL). A trial that beats the study's best so far logs
+its weights (safetensors) to its own run under ``checkpoint/``: the parent picks them up from there,
+whichever worker ran it.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import optuna
+
+from pipelines.config import (CategoricalParam, FloatParam, IntParam, PipelineConfig,
+                              PrunerConfig)
+from pipelines.data import Dataset
+from pipelines.evaluation import evaluate_predictions
+from pipelines.families import get_family
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner:
+    if cfg.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials,
+                                           n_warmup_steps=cfg.n_warmup_steps)
+    if cfg.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
+    if cfg.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+def make_storage(url: str, heartbeat_interval: int | None = None) -> optuna.storages.RDBStorage:
+    """RDB storage; with a heartbeat, a worker that dies mid-trial gets its trial failed and
+    retried once by another worker (RetryFailedTrialCallback)."""
+    kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}}
+    if heartbeat_interval:
+        kwargs.update(
+            heartbeat_interval=heartbeat_interval,
+            grace_period=heartbeat_interval * 3,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        )
+    return optuna.storages.RDBStorage(url, **kwargs)
+
+
+def open_study(cfg: PipelineConfig, storage: optuna.storages.BaseStorage, study_name: str
+               ) -> optuna.Study:
+    return optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction=cfg.tuning.direction,
+        sampler=optuna.samplers.TPESampler(seed=cfg.tuning.sampler_seed),
+        pruner=make_pruner(cfg.tuning.pruner, cfg.tuning.max_epochs),
+        load_if_exists=True,
+    )
+
+
+def suggest(trial: optuna.Trial, cfg: PipelineConfig) -> dict[str, Any]:
+    params: dict[str, Any] = dict(cfg.tuning.fixed)
+    for name, spec in cfg.tuning.search_space.items():
+        if isinstance(spec, FloatParam):
+            params[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+        elif isinstance(spec, IntParam):
+            params[name] = trial.suggest_int(name, spec.low, spec.high, step=spec.step,
+                                             log=spec.log)
+        elif isinstance(spec, CategoricalParam):
+            params[name] = trial.suggest_categorical(name, spec.choices)
+    return params
+
+
+def safe_url(url: str) -> str:
+    """A storage URL with its password masked, for logging."""
+    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url)
+
+
+@dataclass
+class Objective:
+    """One trial = one nested MLflow run under ``parent_run_id``; safe to run in many workers."""
+
+    cfg: PipelineConfig
+    data: Dataset
+    checkpoint: Path
+    parent_run_id: str
+    experiment_id: str
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg, data = self.cfg, self.data
+        family = get_family(cfg.model.family)
+        params = suggest(trial, cfg)
+        _close_failed_attempt(trial)
+        with mlflow.start_run(
+            run_name=f"trial-{trial.number}",
+            experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id,
+            nested=True,
+            tags={"maas.trial_number": str(trial.number), "optuna.study": trial.study.study_name,
+                  "maas.trial_state": "RUNNING"},
+        ) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            mlflow.log_params(params)
+            pruned: optuna.TrialPruned | None = None
+            try:
+                value = self._fit(trial, family, params)
+            except optuna.TrialPruned as exc:
+                mlflow.set_tag("maas.trial_state", "PRUNED")
+                pruned = exc
+            except Exception as exc:
+                # leaving the with-block with the exception marks this run FAILED
+                mlflow.set_tags({"maas.trial_state": "FAIL", "maas.error": repr(exc)[:4000]})
+                raise
+            else:
+                mlflow.set_tag("maas.trial_state", "COMPLETE")
+        if pruned is not None:
+            raise pruned
+        return value
+
+    def _fit(self, trial: optuna.Trial, family, params: dict[str, Any]) -> float:
+        cfg, data = self.cfg, self.data
+        trainer = family.Trainer(
+            self.checkpoint, data.id2label, params, data.train.text.tolist(),
+            data.ids(data.train), cfg.model.max_length,
+            seed=cfg.tuning.sampler_seed + trial.number, epochs=cfg.tuning.max_epochs,
+        )
+        labels = list(data.id2label.values())
+        y_val = data.names(data.validation)
+        value = float("nan")
+        try:
+            for epoch in range(1, cfg.tuning.max_epochs + 1):
+                loss = trainer.train_epoch(
+                    desc=f"trial {trial.number} epoch {epoch}/{cfg.tuning.max_epochs}")
+                probs = family.predict_proba(trainer.model, trainer.tokenizer,
+                                             data.validation.text.tolist(), cfg.model.max_length,
+                                             cfg.model.eval_batch_size)
+                ev = evaluate_predictions(y_val, probs, family.labels_of(trainer.model), labels)
+                value = ev.metrics[cfg.metric]
+                mlflow.log_metrics({"train_loss": loss,
+                                    **{f"val_{k}": v for k, v in ev.metrics.items()}}, step=epoch)
+                trial.report(value, epoch)
+                log.info("trial %d epoch %d: train_loss=%.4f val_%s=%.4f", trial.number, epoch,
+                         loss, cfg.metric, value)
+                if trial.should_prune():
+                    log.info("trial %d pruned after epoch %d", trial.number, epoch)
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+            if self._is_best(trial.study, value):
+                with tempfile.TemporaryDirectory() as tmp:
+                    family.save(trainer.model, trainer.tokenizer, Path(tmp))
+                    mlflow.log_artifacts(tmp, CHECKPOINT_ARTIFACT)
+                trial.set_user_attr("checkpoint", CHECKPOINT_ARTIFACT)
+            return value
+        finally:
+            del trainer
+            gc.collect()
+
+    def _is_best(self, study: optuna.Study, value: float) -> bool:
+        done = [t.value for t in study.get_trials(deepcopy=False,
+                                                  states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value is not None]
+        if not done:
+            return True
+        best = max(done) if self.cfg.tuning.direction == "maximize" else min(done)
+        return value >= best if self.cfg.tuning.direction == "maximize" else value <= best
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@contextmanager
+def budget_lock(storage_url: str, study_name: str) -> Iterator[None]:
+    """Serialise "is there budget left? then claim a trial" between workers of one study.
+
+    PostgreSQL: a session advisory lock keyed by the study name; SQLite: an flock on a file beside
+    the database (SQLite studies are single-machine). Other backends: no lock (best effort).
+    """
+    key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+    if storage_url.startswith("postgresql"):
+        import sqlalchemy as sa
+
+        engine = _lock_engine(storage_url)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    elif storage_url.startswith("sqlite:///"):
+        import fcntl
+
+        db = Path(storage_url[len("sqlite:///"):])
+        with open(db.with_name(db.name + ".lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    else:
+        yield
+
+
+@lru_cache(maxsize=4)
+def _lock_engine(url: str):
+    import sqlalchemy as sa
+
+    return sa.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+
+
+def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_url: str,
+              timeout_s: float | None = None, poll_s: float = 1.0,
+              show_progress_bar: bool = True) -> None:
+    """Work on the study until it holds exactly ``n_trials`` finished (complete or pruned) trials.
+
+    Any number of workers may run this on the same study (same RDB storage): a trial is claimed
+    (``study.ask``) only under :func:`budget_lock` and only while finished + running trials are
+    under the budget, so the budget is met exactly. A worker with nothing to claim waits for the
+    others' trials to finish, or to go stale: Optuna's heartbeat marks a dead worker's trial FAIL
+    and ``RetryFailedTrialCallback`` re-queues it once (same params), which the next claim picks up.
+    A resumed study keeps its finished trials.
+    """
+    from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+    from tqdm.auto import tqdm
+
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    bar = tqdm(total=n_trials, desc=f"study {study.study_name[:40]}", unit="trial",
+               disable=not show_progress_bar, dynamic_ncols=True)
+    try:
+        while True:
+            if is_heartbeat_enabled(study._storage):
+                optuna.storages.fail_stale_trials(study)
+            with budget_lock(storage_url, study.study_name):
+                trials = study.get_trials(deepcopy=False)
+                finished = sum(t.state in FINISHED for t in trials)
+                running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+                errors = sum(t.state == optuna.trial.TrialState.FAIL
+                             and "maas_error" in t.user_attrs for t in trials)
+                bar.n = finished
+                bar.refresh()
+                if finished >= n_trials:
+                    return
+                if errors >= max(3, n_trials):
+                    raise RuntimeError(f"{errors} trials raised errors; giving up (see the "
+                                       "trials' MLflow runs, tag maas.error)")
+                if deadline is not None and time.monotonic() > deadline:
+                    log.warning("tuning timeout reached with %d/%d trials", finished, n_trials)
+                    return
+                trial = study.ask() if finished + running < n_trials else None
+            if trial is None:
+                time.sleep(poll_s)  # the last trials run elsewhere: wait for them (or staleness)
+                continue
+            with get_heartbeat_thread(trial._trial_id, study._storage):
+                _run_trial(study, trial, objective)
+            gc.collect()
+    finally:
+        bar.close()
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
+    from optuna.trial import TrialState
+
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    except Exception as exc:
+        log.error("trial %d failed: %r", trial.number, exc)
+        trial.set_user_attr("maas_error", repr(exc)[:2000])
+        study.tell(trial, state=TrialState.FAIL)
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    else:
+        study.tell(trial, value)
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The best complete trial that has a checkpoint logged."""
+    complete = [t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value is not None and "checkpoint" in t.user_attrs]
+    if not complete:
+        states = [t.state.name for t in study.trials]
+        raise RuntimeError(f"no trial completed (states: {states}); see the trials' MLflow runs "
+                           "(tag maas.error) for the failures")
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(complete, key=lambda t: t.value, reverse=reverse)[0]
+
+
+def log_study(study: optuna.Study) -> None:
+    """Study table and plots (optimisation history, parameter importances) on the active run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    df = study.trials_dataframe()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "optuna_trials.csv"
+        df.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), "optuna")
+    plots = {"optimization_history": ovm.plot_optimization_history,
+             "param_importances": ovm.plot_param_importances,
+             "intermediate_values": ovm.plot_intermediate_values}
+    for name, fn in plots.items():
+        try:
+            ax = fn(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+            fig.tight_layout()
+            mlflow.log_figure(fig, f"optuna/{name}.png")
+            plt.close(fig)
+        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
+            log.info("optuna plot %s skipped: %s", name, exc)
+
+
+def _close_failed_attempt(trial: optuna.Trial) -> None:
+    """A retried trial inherits the dead attempt's user attrs: close that attempt's MLflow run."""
+    old = trial.user_attrs.get("mlflow_run_id")
+    if not old or "failed_trial" not in trial.system_attrs:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(old).info.status == "RUNNING":
+            client.set_tag(old, "maas.trial_state", "FAIL")
+            client.set_tag(old, "maas.retried_as", str(trial.number))
+            client.set_terminated(old, status="KILLED")
+    except mlflow.exceptions.MlflowException as exc:
+        log.warning("could not close the failed attempt's run %s: %s", old, exc)

