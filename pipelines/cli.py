@@ -52,10 +52,11 @@ def _errors(fn):
         from pipelines.data import DataError
         from pipelines.families.text_classifier import CheckpointError
         from pipelines.run import ValidationFailed
+        from validation import SuiteError, UnknownSuiteError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, CheckpointError) as exc:
+        except (ConfigError, CheckpointError, SuiteError, UnknownSuiteError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
         except (DataError, ValidationFailed) as exc:

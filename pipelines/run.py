@@ -97,6 +97,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def check_suite(suite: str) -> None:
+    """Fail before any work if the pipeline's expectation suite is unknown or malformed."""
+    from validation import load_suite_spec, resolve_suite
+
+    load_suite_spec(resolve_suite(suite))
+
+
 def find_unfinished_run(experiment_id: str, config_hash: str, fingerprint: str) -> str | None:
     """A parent run of this config and data that was killed before it finished (still RUNNING)."""
     runs = MlflowClient().search_runs(
@@ -130,6 +137,7 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
     t0 = time.perf_counter()
     family = get_family(cfg.model.family)
     checkpoint = family.resolve_checkpoint(cfg.model.checkpoint)  # fail before any work
+    check_suite(cfg.validation.suite)
     raw = load_data(cfg.data)
     tracking_uri = configure_tracking(cfg)
     experiment_id = mlflow.set_experiment(cfg.name).experiment_id

@@ -61,7 +61,7 @@ def test_run_registers_promotes_and_logs_everything(mlflow_store, tmp_path, tiny
         assert [m.step for m in hist][:1] == [1]
 
     mv = client.get_model_version_by_alias("tiny-sentiment", "champion")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"
     assert mv.tags["maas.data_fingerprint"] == tags["maas.data_fingerprint"]
     assert mv.tags["maas.study"] == tags["optuna.study"]
     assert mv.tags["maas.decision.promote"] == "true"
@@ -84,7 +84,7 @@ def test_second_run_not_promoted_then_manual_promote_and_rollback(mlflow_store, 
     assert res.exit_code == 0, res.output
     assert "promoted          no" in res.output
     client = MlflowClient()
-    assert client.get_model_version_by_alias("tiny-sentiment", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("tiny-sentiment", "champion").version) == "1"
     v2 = client.get_model_version("tiny-sentiment", "2")
     assert v2.aliases == ["challenger"]
     assert v2.tags["maas.decision.promote"] == "false"
@@ -96,10 +96,10 @@ def test_second_run_not_promoted_then_manual_promote_and_rollback(mlflow_store, 
     assert all(r.info.status == "FINISHED" for r in runs)
 
     assert maas("promote", "tiny-sentiment", "2").exit_code == 0
-    assert client.get_model_version_by_alias("tiny-sentiment", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("tiny-sentiment", "champion").version) == "2"
     res = maas("rollback", "tiny-sentiment")
     assert res.exit_code == 0, res.output
-    assert client.get_model_version_by_alias("tiny-sentiment", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("tiny-sentiment", "champion").version) == "1"
     res = maas("models", "tiny-sentiment")
     assert res.exit_code == 0 and "champion" in res.output
 

@@ -6,6 +6,8 @@ the GX data docs and returns a :class:`ValidationReport`. Great Expectations is 
 the first call: importing this package is cheap and has no side effects.
 """
 
-from validation.gate import ExpectationOutcome, ValidationReport, resolve_suite, validate
+from validation.gate import (ExpectationOutcome, SuiteError, UnknownSuiteError, ValidationReport,
+                             load_suite_spec, resolve_suite, validate)
 
-__all__ = ["ExpectationOutcome", "ValidationReport", "resolve_suite", "validate"]
+__all__ = ["ExpectationOutcome", "SuiteError", "UnknownSuiteError", "ValidationReport",
+           "load_suite_spec", "resolve_suite", "validate"]

@@ -200,7 +200,24 @@ def log_model(model, tokenizer, name: str, input_example: list[str]):
         signature=signature,
         input_example=input_example,
         metadata={"labels": labels},
+        pip_requirements=serving_requirements(),
     )
+
+
+def serving_requirements() -> list[str]:
+    """Pinned requirements of the logged model: what loading it needs, as installed here.
+
+    Given explicitly: MLflow's inference imports every candidate package (and trips over optional
+    ones such as torchvision that are not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for pkg in ("mlflow", "torch", "transformers", "tokenizers", "safetensors"):
+        try:
+            pins.append(f"{pkg}=={version(pkg).split('+', 1)[0]}")  # drop +cpu / +cu12x
+        except PackageNotFoundError:
+            pass
+    return pins
 
 
 def load_logged(model_uri: str):
