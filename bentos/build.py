@@ -274,6 +274,26 @@ def _fresh_module(name: str) -> Iterator[None]:
             sys.modules[name] = saved
 
 
+@contextlib.contextmanager
+def _build_context(context_dir: str | Path | None) -> Iterator[Path]:
+    if context_dir is not None:
+        path = Path(context_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="maas-bento-") as tmp:
+        yield Path(tmp)
+
+
+def write_build_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any]) -> None:
+    """The service file, its ``bento_config.json`` and a ``bentofile.yaml`` in ``ctx``."""
+    import yaml
+
+    shutil.copy2(SERVICE_DIR / f"{SERVICE_MODULE}.py", ctx / f"{SERVICE_MODULE}.py")
+    (ctx / CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+    (ctx / "bentofile.yaml").write_text(yaml.safe_dump(bentofile, sort_keys=False), "utf-8")
+
+
 def _serve_command(bento_tag: str, home: Path) -> str:
     import shlex
 
@@ -283,9 +303,14 @@ def _serve_command(bento_tag: str, home: Path) -> str:
 
 def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
                 bento_name: str | None = None,
-                extra_labels: dict[str, str] | None = None) -> BuildResult:
+                extra_labels: dict[str, str] | None = None,
+                context_dir: str | Path | None = None) -> BuildResult:
     """Import the registered model version behind ``model_uri`` into the BentoML model store and
-    build a bento serving it. Returns the tags and the command that serves it."""
+    build a bento serving it. Returns the tags and the command that serves it.
+
+    ``bento_name`` defaults to the (sanitised) registered model name; ``extra_labels`` are added
+    to the BentoML model and the bento; ``context_dir`` keeps the build context (``service.py``,
+    ``bento_config.json``, ``bentofile.yaml``) there, so ``bentoml build DIR`` can rebuild it."""
     import bentoml
 
     settings = settings or BentoSettings()
@@ -340,23 +365,29 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
                                                 "mlflow_run_id", "alias", "model_uri")},
             "labels": labels,
         }
-        with tempfile.TemporaryDirectory(prefix="maas-bento-") as tmp:
-            ctx = Path(tmp)
-            shutil.copy2(SERVICE_DIR / f"{SERVICE_MODULE}.py", ctx / f"{SERVICE_MODULE}.py")
-            (ctx / CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
-            description = (f"MaaS text classifier: MLflow model `{name}` version {version}"
-                           f"{f' (alias `{alias}`)' if alias else ''}, run `{run_id}`; labels "
-                           f"{labels}; BentoML model `{model_tag}`.")
-            with _fresh_module(SERVICE_MODULE):
-                bento = bentoml.bentos.build(
-                    service=f"{SERVICE_MODULE}:{SERVICE_CLASS}",
-                    name=bento_name,
-                    labels=str_labels,
-                    description=description,
-                    include=[f"{SERVICE_MODULE}.py", CONFIG_FILENAME],
-                    python={"packages": _pinned_packages(), "lock_packages": False},
-                    build_ctx=str(ctx),
-                )
+        description = (f"MaaS text classifier: MLflow model `{name}` version {version}"
+                       f"{f' (alias `{alias}`)' if alias else ''}, run `{run_id}`; labels "
+                       f"{labels}; BentoML model `{model_tag}`.")
+        bentofile = {
+            "service": f"{SERVICE_MODULE}:{SERVICE_CLASS}",
+            "name": bento_name,
+            "description": description,
+            "labels": str_labels,
+            "include": [f"{SERVICE_MODULE}.py", CONFIG_FILENAME],
+            "python": {"packages": _pinned_packages(), "lock_packages": False},
+        }
+        try:
+            with _build_context(context_dir) as ctx:
+                write_build_context(ctx, config, bentofile)
+                with _fresh_module(SERVICE_MODULE):
+                    # the same call as the `bentoml build <ctx>` CLI
+                    bento = bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"),
+                                                           build_ctx=str(ctx))
+        except BaseException:
+            logger.error("bento build failed; removing the BentoML model %s", model_tag)
+            with contextlib.suppress(Exception):
+                bentoml.models.delete(model_tag)
+            raise
         bento_tag = str(bento.tag)
     logger.info("built bento %s", bento_tag)
     return BuildResult(

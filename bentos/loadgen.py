@@ -1,0 +1,151 @@
+"""A small, bounded HTTP load generator (httpx async) for a running classifier server.
+
+Used by ``benchmarks/serving.py`` and the load tests. Every run is bounded in request count and
+in wall time, sends traffic only to the URL it is given (meant for 127.0.0.1), and stops by
+itself. ``LoadResult`` keeps per-status counts, latencies and a few error samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+
+@dataclass
+class LoadResult:
+    url: str
+    requests: int
+    concurrency: int
+    wall_s: float
+    statuses: Counter = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)  # successful (2xx) requests only
+    texts_ok: int = 0
+    malformed: int = 0  # 2xx whose body failed the response check
+    transport_errors: int = 0  # no HTTP response at all (connection reset, client timeout)
+    not_sent: int = 0  # left unsent when the time budget ran out
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return sum(n for s, n in self.statuses.items() if 200 <= s < 300)
+
+    @property
+    def server_errors(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s >= 500)
+
+    @property
+    def throughput_rps(self) -> float:
+        return self.ok / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts_ok / self.wall_s if self.wall_s else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        data = sorted(self.latencies_ms)
+        k = min(len(data) - 1, max(0, round(q / 100 * (len(data) - 1))))
+        return data[k]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "url": self.url, "requests": self.requests, "concurrency": self.concurrency,
+            "wall_s": round(self.wall_s, 3), "ok": self.ok,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "server_errors": self.server_errors, "malformed": self.malformed,
+            "transport_errors": self.transport_errors, "not_sent": self.not_sent,
+            "throughput_rps": round(self.throughput_rps, 2),
+            "texts_per_s": round(self.texts_per_s, 2),
+            "p50_ms": round(self.percentile(50), 2), "p90_ms": round(self.percentile(90), 2),
+            "p99_ms": round(self.percentile(99), 2),
+            "error_samples": self.error_samples[:5],
+        }
+
+
+def check_classify_response(texts: Sequence[str], body: Any) -> str | None:
+    """None when ``body`` is a well-formed /classify answer for ``texts``, else the reason."""
+    if not isinstance(body, list) or len(body) != len(texts):
+        return f"expected a list of {len(texts)} predictions, got {str(body)[:200]}"
+    for item in body:
+        if not isinstance(item, dict) or set(item) != {"label", "probabilities"}:
+            return f"bad prediction {str(item)[:200]}"
+        probs = item["probabilities"]
+        if not isinstance(probs, dict) or item["label"] not in probs:
+            return f"label not among probabilities: {str(item)[:200]}"
+        if abs(sum(probs.values()) - 1.0) > 1e-3:
+            return f"probabilities do not sum to 1: {probs}"
+        if max(probs, key=probs.get) != item["label"] and \
+                probs[item["label"]] < max(probs.values()) - 1e-6:
+            return f"label is not the most probable: {item}"
+    return None
+
+
+async def run_load(url: str, payloads: Sequence[Sequence[str]], *, requests: int,
+                   concurrency: int, time_budget_s: float = 60.0,
+                   request_timeout_s: float = 30.0,
+                   check: Callable[[Sequence[str], Any], str | None] | None =
+                   check_classify_response) -> LoadResult:
+    """POST ``{"texts": payloads[i % len(payloads)]}`` to ``url`` ``requests`` times with at
+    most ``concurrency`` requests in flight; stop sending once ``time_budget_s`` has passed."""
+    import httpx
+
+    if requests < 1 or concurrency < 1:
+        raise ValueError("requests and concurrency must be >= 1")
+    result = LoadResult(url=url, requests=requests, concurrency=concurrency, wall_s=0.0)
+    counter = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    timeout = httpx.Timeout(request_timeout_s, connect=min(10.0, request_timeout_s))
+    start = time.perf_counter()
+    deadline = start + time_budget_s
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            if time.perf_counter() > deadline:
+                result.not_sent += 1
+                continue
+            texts = payloads[i % len(payloads)]
+            t0 = time.perf_counter()
+            try:
+                resp = await client.post(url, json={"texts": list(texts)})
+            except httpx.HTTPError as exc:
+                result.transport_errors += 1
+                if len(result.error_samples) < 10:
+                    result.error_samples.append(f"{type(exc).__name__}: {exc}")
+                continue
+            ms = (time.perf_counter() - t0) * 1000
+            result.statuses[resp.status_code] += 1
+            if 200 <= resp.status_code < 300:
+                result.latencies_ms.append(ms)
+                problem = None
+                if check is not None:
+                    try:
+                        problem = check(texts, resp.json())
+                    except ValueError as exc:
+                        problem = f"invalid JSON: {exc}"
+                if problem:
+                    result.malformed += 1
+                    if len(result.error_samples) < 10:
+                        result.error_samples.append(problem)
+                else:
+                    result.texts_ok += len(texts)
+            elif len(result.error_samples) < 10:
+                result.error_samples.append(f"{resp.status_code}: {resp.text[:200]}")
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        await asyncio.gather(*(worker(client) for _ in range(min(concurrency, requests))))
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def load(url: str, payloads: Sequence[Sequence[str]], **kwargs: Any) -> LoadResult:
+    """Synchronous wrapper around :func:`run_load`."""
+    return asyncio.run(run_load(url, payloads, **kwargs))
+
+
+def as_dict(result: LoadResult) -> dict[str, Any]:
+    return dataclasses.asdict(result) | result.summary()
