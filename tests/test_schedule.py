@@ -1,0 +1,498 @@
+"""`maas schedule`: real APScheduler in a real scheduler process, real child processes, real SQLite.
+
+Most tests replace the pipeline command with a cheap child (the hidden ``--command``) that appends
+``NAME start|end|term TIME ATTEMPT PID FIRE`` lines to a file; one slow test runs `maas run`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.schedule import JOBS_TABLE, RUNS_TABLE, ScheduleError, build_trigger, job_id
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = r'''
+import os, signal, sys, time
+name, mode, log = sys.argv[1], sys.argv[2], sys.argv[3]
+attempt = int(os.environ["MAAS_SCHEDULE_ATTEMPT"])
+fire = os.environ["MAAS_SCHEDULE_FIRE_TIME"]
+def w(ev):
+    with open(log, "a") as f:
+        f.write(f"{name} {ev} {time.time():.3f} {attempt} {os.getpid()} {fire}\n")
+w("start")
+kind, _, arg = mode.partition(":")
+if kind == "sleep":
+    time.sleep(float(arg))
+elif kind == "fail_then_ok":
+    if attempt <= int(arg):
+        w("end"); sys.exit(1)
+elif kind == "exit":
+    w("end"); sys.exit(int(arg))
+elif kind == "crash_once":
+    if attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+elif kind == "polite":
+    def on_term(*_):
+        w("term"); sys.exit(143)
+    signal.signal(signal.SIGTERM, on_term)
+    time.sleep(120)
+elif kind == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(120)
+w("end")
+'''
+
+
+def pipeline_file(folder: Path, name: str, schedule: str | None, **extra) -> Path:
+    cfg = {"name": name, "data": {"path": "data.tsv"},
+           "tuning": {"search_space": {"lr": {"type": "float", "low": 1e-5, "high": 1e-4}}},
+           "registry": {"model_name": f"{name}-model"}, **extra}
+    if schedule is not None:
+        cfg["schedule"] = schedule
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Scheduler:
+    """`maas schedule ...` in its own process, output in a file."""
+
+    def __init__(self, cwd: Path, args: list[str], env: dict[str, str], tag: str = "sched"):
+        self.out = cwd / f"{tag}.log"
+        self.fh = open(self.out, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", *args],
+                                     cwd=cwd, env=env, stdout=self.fh, stderr=subprocess.STDOUT)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.fh.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.fh.close()
+
+    def output(self) -> str:
+        return self.out.read_text()
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "child.py").write_text(CHILD)
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "PYTHONPATH": _pythonpath()}
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
+@pytest.fixture
+def schedulers():
+    started: list[Scheduler] = []
+    yield started
+    for s in started:
+        s.kill()
+
+
+def child_cmd(tmp: Path, mode: str) -> str:
+    return f"{sys.executable} {tmp / 'child.py'} {{name}} {mode} {tmp / 'events.txt'}"
+
+
+def events(tmp: Path) -> list[list[str]]:
+    f = tmp / "events.txt"
+    return [line.split() for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def rows(db: Path, pipeline: str | None = None) -> list[dict]:
+    if not db.exists():
+        return []
+    con = sqlite3.connect(db, timeout=30)
+    con.row_factory = sqlite3.Row
+    try:
+        q = f"SELECT * FROM {RUNS_TABLE}" + (" WHERE pipeline = ?" if pipeline else "")
+        return [dict(r) for r in con.execute(q + " ORDER BY id", (pipeline,) if pipeline else ())]
+    except sqlite3.OperationalError:  # table not created yet
+        return []
+    finally:
+        con.close()
+
+
+def wait_for(pred, timeout: float, what: str, sched: Scheduler | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        if sched is not None and sched.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    out = sched.output() if sched is not None else ""
+    pytest.fail(f"timed out waiting for {what}\n--- scheduler output ---\n{out}")
+
+
+def ts(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+# ------------------------------------------------------------------------------------------ unit
+
+def test_cron_parsing_standard_weekdays_seconds_and_macros():
+    start = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)  # a Wednesday
+    sunday = build_trigger("0 3 * * 0").get_next_fire_time(None, start)
+    assert sunday == datetime(2025, 1, 5, 3, 0, tzinfo=timezone.utc)  # 0 = Sunday, as in cron
+    assert build_trigger("0 3 * * 7").get_next_fire_time(None, start).weekday() == 6
+    weekdays = build_trigger("30 2 * * 1-5")
+    t, seen = start, set()
+    for _ in range(7):
+        t = weekdays.get_next_fire_time(None, t + timedelta(seconds=1))
+        seen.add(t.strftime("%a"))
+    assert seen == {"Mon", "Tue", "Wed", "Thu", "Fri"}
+    secs = build_trigger("*/5 * * * * *")  # 6 fields: leading seconds
+    assert secs.get_next_fire_time(None, start + timedelta(seconds=1)) == start + timedelta(
+        seconds=5)
+    assert build_trigger("@daily").get_next_fire_time(None, start) == datetime(
+        2025, 1, 2, tzinfo=timezone.utc)
+    for bad in ("* * *", "61 * * * *", "0 3 * * 9", "1 2 3 4 5 6 7"):
+        with pytest.raises(ScheduleError):
+            build_trigger(bad)
+
+
+def test_export_k8s_cronjob(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow@db:5432/mlflow")
+    pipeline_file(tmp_path, "nightly", "30 2 * * 1-5")
+    out = tmp_path / "cron.yaml"
+    res = CliRunner().invoke(main, ["schedule", "--export", "k8s", "nightly.yaml", "-o", str(out),
+                                    "--image", "ghcr.io/acme/maas:1.2", "--retries", "3",
+                                    "--misfire-grace", "900"])
+    assert res.exit_code == 0, res.output
+    (doc,) = list(yaml.safe_load_all(out.read_text()))
+    assert doc["apiVersion"] == "batch/v1" and doc["kind"] == "CronJob"
+    assert doc["metadata"]["name"] == "maas-nightly"
+    spec = doc["spec"]
+    assert spec["schedule"] == "30 2 * * 1-5"
+    assert spec["timeZone"] == "Etc/UTC"
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert spec["startingDeadlineSeconds"] == 900
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 3
+    fail_rule = job["podFailurePolicy"]["rules"][0]
+    assert fail_rule["action"] == "FailJob" and fail_rule["onExitCodes"]["values"] == [2, 3]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["image"] == "ghcr.io/acme/maas:1.2"
+    assert c["command"] == ["maas", "run", "nightly.yaml", "--trigger", "schedule"]
+    assert {"name": "MLFLOW_TRACKING_URI",
+            "value": "postgresql://mlflow@db:5432/mlflow"} in c["env"]
+
+    # stdout, several pipelines: one document each; 6-field or no schedule: exit 2
+    pipeline_file(tmp_path, "hourly", "@hourly")
+    res = CliRunner().invoke(main, ["schedule", "--export", "k8s", "nightly.yaml", "hourly.yaml"])
+    assert res.exit_code == 0, res.output
+    docs = list(yaml.safe_load_all(res.output))
+    assert [d["spec"]["schedule"] for d in docs] == ["30 2 * * 1-5", "0 * * * *"]
+    pipeline_file(tmp_path, "fast", "*/5 * * * * *")
+    res = CliRunner().invoke(main, ["schedule", "--export", "k8s", "fast.yaml"])
+    assert res.exit_code == 2 and "seconds field" in res.output
+    pipeline_file(tmp_path, "never", None)
+    res = CliRunner().invoke(main, ["schedule", "--export", "k8s", "never.yaml"])
+    assert res.exit_code == 2 and "no schedule" in res.output
+
+
+def test_bad_schedule_and_missing_schedule_exit_2(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    pipeline_file(tmp_path, "bad", "every day please")
+    res = CliRunner().invoke(main, ["schedule", "bad.yaml"])
+    assert res.exit_code == 2 and "bad.yaml" in res.output and "cron fields" in res.output
+    pipeline_file(tmp_path, "never", None)
+    res = CliRunner().invoke(main, ["schedule", "never.yaml"])
+    assert res.exit_code == 2 and "none of the pipelines has a `schedule`" in res.output
+    res = CliRunner().invoke(main, ["schedule", "--list", "never.yaml"])
+    assert res.exit_code == 0 and "never: not scheduled" in res.output
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    con.close()
+    assert not tables & {JOBS_TABLE, RUNS_TABLE}  # --list creates nothing
+
+
+# ------------------------------------------------------------------ the scheduler, in a process
+
+def test_overlap_never_two_runs_at_once(tmp_path, env, schedulers):
+    """Every second, a 2.5 s run: fires are skipped while it runs (max_instances in the process),
+    and a second scheduler process with its own store but the same pipeline is held off by the
+    cross-process lock. The child's start/end stamps never overlap."""
+    pipeline_file(tmp_path, "ov", "* * * * * *")
+    args = ["ov.yaml", "--command", child_cmd(tmp_path, "sleep:2.5"), "--shutdown-grace", "5"]
+    a = Scheduler(tmp_path, args, env, "a")
+    schedulers.append(a)
+    b = Scheduler(tmp_path, [*args, "--db", f"sqlite:///{tmp_path / 'other.db'}"], env, "b")
+    schedulers.append(b)
+
+    def enough():
+        ends = [e for e in events(tmp_path) if e[1] == "end"]
+        skipped = rows(tmp_path / "mlflow.db", "ov") + rows(tmp_path / "other.db", "ov")
+        notes = " ".join(r["note"] or "" for r in skipped if r["outcome"] == "skipped_overlap")
+        return len(ends) >= 2 and "still going" in notes and "running elsewhere" in notes
+
+    wait_for(enough, 25, "two finished runs and both kinds of skipped fires", a)
+    assert a.stop() == 0 and b.stop() == 0, a.output() + b.output()
+
+    intervals: dict[str, list[float]] = {}
+    for name, ev, t, _attempt, pid, _fire in events(tmp_path):
+        intervals.setdefault(pid, [float("inf"), float("inf")])
+        intervals[pid][0 if ev == "start" else 1] = float(t)
+    spans = sorted((s, e if e != float("inf") else float("inf")) for s, e in intervals.values())
+    for (s1, e1), (s2, _e2) in zip(spans, spans[1:]):
+        assert s2 >= e1, f"runs overlap: {spans}"
+    recorded = rows(tmp_path / "mlflow.db", "ov") + rows(tmp_path / "other.db", "ov")
+    assert sum(r["outcome"] == "success" for r in recorded) >= 2
+    assert all(r["fire_time"] for r in recorded)
+
+
+def test_retry_with_backoff_and_no_retry_for_exit_2_and_3(tmp_path, env, schedulers):
+    names = {"flaky": "fail_then_ok:2", "always": "exit:1", "badcfg": "exit:2",
+             "baddata": "exit:3", "crash": "crash_once"}
+    files = [str(pipeline_file(tmp_path, n, "0 0 1 1 *")) for n in names]
+    # one command for all pipelines: the mode is chosen by name inside a tiny dispatcher
+    (tmp_path / "dispatch.py").write_text(
+        "import os, sys\nmodes = " + repr(names) + "\n"
+        f"os.execv(sys.executable, [sys.executable, {str(tmp_path / 'child.py')!r}, sys.argv[1], "
+        f"modes[sys.argv[1]], {str(tmp_path / 'events.txt')!r}])\n")
+    s = Scheduler(tmp_path, [*files, "--run-now", "--retries", "2", "--retry-backoff", "0.4",
+                             "--command", f"{sys.executable} {tmp_path / 'dispatch.py'} {{name}}"],
+                  env)
+    schedulers.append(s)
+    db = tmp_path / "mlflow.db"
+
+    def settled():
+        final = {r["pipeline"] for r in rows(db) if r["outcome"] in ("success", "failed")}
+        return final >= set(names)
+
+    wait_for(settled, 30, "every pipeline to succeed or fail for good", s)
+    assert s.stop() == 0, s.output()
+
+    flaky = rows(db, "flaky")
+    assert [(r["attempt"], r["outcome"], r["exit_code"]) for r in flaky] == [
+        (1, "retrying", 1), (2, "retrying", 1), (3, "success", 0)]
+    assert len({r["fire_time"] for r in flaky}) == 1  # one fire, three attempts
+    gap1 = ts(flaky[1]["started_at"]) - ts(flaky[0]["ended_at"])
+    gap2 = ts(flaky[2]["started_at"]) - ts(flaky[1]["ended_at"])
+    assert gap1 >= timedelta(seconds=0.38) and gap2 >= timedelta(seconds=0.78), (gap1, gap2)
+    assert gap2 < timedelta(seconds=3)
+
+    always = rows(db, "always")
+    assert [r["outcome"] for r in always] == ["retrying", "retrying", "failed"]
+    assert "gave up after 3 attempt" in always[-1]["note"]
+
+    for name, code in (("badcfg", 2), ("baddata", 3)):
+        (only,) = rows(db, name)
+        assert (only["outcome"], only["exit_code"], only["attempt"]) == ("failed", code, 1)
+        assert "not retried" in only["note"]
+        assert sum(e[0] == name and e[1] == "start" for e in events(tmp_path)) == 1
+
+    crash = rows(db, "crash")
+    assert [(r["outcome"], r["exit_code"]) for r in crash] == [("retrying", -9), ("success", 0)]
+    assert "SIGKILL" in crash[0]["note"]
+
+    # --list: next fire times from the job store and the recent outcomes
+    listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "schedule", "--list",
+                             *files], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    next_jan = f"{datetime.now(timezone.utc).year + 1}-01-01 00:00:00Z"
+    out = listed.stdout
+    assert out.count(f"next fire {next_jan}") == len(names), out
+    assert "flaky: schedule '0 0 1 1 *' (UTC)" in out
+    flaky_block = out.split("flaky:")[1].split("\n", 4)
+    assert "retrying" in flaky_block[1] and "success" in flaky_block[3], out
+    assert "exit 2 (config/usage error): not retried" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_shutdown_terminates_children_and_keeps_the_job_store(tmp_path, env, schedulers, sig):
+    """Policy: on SIGTERM/SIGINT no new fire, children get SIGTERM, SIGKILL after the grace; the
+    fires are recorded as interrupted; exit 0; the jobs stay in the store."""
+    names = {"polite": "polite", "stubborn": "stubborn"}
+    files = [str(pipeline_file(tmp_path, n, "0 0 1 1 *")) for n in names]
+    (tmp_path / "dispatch.py").write_text(
+        "import os, sys\nmodes = " + repr(names) + "\n"
+        f"os.execv(sys.executable, [sys.executable, {str(tmp_path / 'child.py')!r}, sys.argv[1], "
+        f"modes[sys.argv[1]], {str(tmp_path / 'events.txt')!r}])\n")
+    s = Scheduler(tmp_path, [*files, "--run-now", "--shutdown-grace", "1.5", "--command",
+                             f"{sys.executable} {tmp_path / 'dispatch.py'} {{name}}"], env)
+    schedulers.append(s)
+    wait_for(lambda: {e[0] for e in events(tmp_path) if e[1] == "start"} == set(names), 20,
+             "both children to start", s)
+    time.sleep(0.3)  # let the children install their signal handlers
+    t0 = time.monotonic()
+    assert s.stop(sig) == 0, s.output()
+    took = time.monotonic() - t0
+    assert 1.4 <= took < 8, took  # the stubborn child was killed after the 1.5 s grace
+
+    evs = events(tmp_path)
+    assert any(e[0] == "polite" and e[1] == "term" for e in evs)
+    for pid in {e[4] for e in evs}:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+    db = tmp_path / "mlflow.db"
+    (polite,) = rows(db, "polite")
+    (stubborn,) = rows(db, "stubborn")
+    assert (polite["outcome"], polite["exit_code"]) == ("interrupted", 143)
+    assert (stubborn["outcome"], stubborn["exit_code"]) == ("interrupted", -9)
+    con = sqlite3.connect(db)
+    stored = dict(con.execute(f"SELECT id, next_run_time FROM {JOBS_TABLE}").fetchall())
+    con.close()
+    next_jan = datetime(datetime.now(timezone.utc).year + 1, 1, 1, tzinfo=timezone.utc)
+    assert stored == {job_id("polite"): next_jan.timestamp(),
+                      job_id("stubborn"): next_jan.timestamp()}
+    assert "scheduler stopped" in s.output()
+
+
+def _set_next_run_time(db: Path, jid: str, when: datetime) -> None:
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    store = SQLAlchemyJobStore(url=f"sqlite:///{db}", tablename=JOBS_TABLE)
+    store.start(BackgroundScheduler(timezone=timezone.utc), "default")
+    job = store.lookup_job(jid)
+    job._modify(next_run_time=when)
+    store.update_job(job)
+    store.shutdown()
+
+
+def test_misfire_coalesced_into_one_catch_up_run_within_grace(tmp_path, env, schedulers):
+    """While down: a per-minute pipeline missed 5 fires (the last within the grace) -> exactly one
+    catch-up run, for the latest missed fire; a yearly one missed its fire 10 min ago (beyond the
+    2 min grace) -> recorded as missed, not run, next fire next year."""
+    files = [str(pipeline_file(tmp_path, "minutely", "* * * * *")),
+             str(pipeline_file(tmp_path, "yearly", "0 0 1 1 *"))]
+    args = [*files, "--misfire-grace", "120", "--command", child_cmd(tmp_path, "sleep:0")]
+    db = tmp_path / "mlflow.db"
+    first = Scheduler(tmp_path, args, env, "first")
+    schedulers.append(first)
+    wait_for(lambda: "scheduler running" in first.output(), 20, "the scheduler to start", first)
+    assert first.stop() == 0
+    before = len(rows(db, "minutely"))  # a fire of the first run, if a minute turned meanwhile
+
+    now = datetime.now(timezone.utc)
+    five_min_ago = now.replace(second=0, microsecond=0) - timedelta(minutes=5)
+    _set_next_run_time(db, job_id("minutely"), five_min_ago)
+    _set_next_run_time(db, job_id("yearly"), now - timedelta(minutes=10))
+
+    restarted_at = datetime.now(timezone.utc)
+    second = Scheduler(tmp_path, args, env, "second")
+    schedulers.append(second)
+    wait_for(lambda: rows(db, "minutely")[before:] and rows(db, "yearly"), 20,
+             "the catch-up run and the missed record", second)
+    time.sleep(1.0)  # no second catch-up run may follow
+    assert second.stop() == 0
+
+    catch_up = [r for r in rows(db, "minutely")[before:] if ts(r["fire_time"]).replace(
+        tzinfo=timezone.utc) < restarted_at]
+    assert [r["outcome"] for r in catch_up] == ["success"]
+    fired_for = ts(catch_up[0]["fire_time"]).replace(tzinfo=timezone.utc)
+    assert restarted_at - timedelta(seconds=61) < fired_for <= restarted_at  # the latest one
+    assert fired_for > five_min_ago
+    (missed,) = rows(db, "yearly")
+    assert missed["outcome"] == "missed" and missed["attempt"] is None
+    assert not any(e[0] == "yearly" for e in events(tmp_path))
+    listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "schedule", "--list",
+                             files[1]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert f"next fire {now.year + 1}-01-01 00:00:00Z" in listed.stdout, listed.stdout
+
+
+@pytest.mark.postgres
+def test_postgres_store_and_advisory_lock(tmp_path, env, schedulers, pg_url):
+    """Tracking store on PostgreSQL: job store and runs there; the overlap guard is an advisory
+    lock (held here by the test, as another scheduler would)."""
+    import sqlalchemy as sa
+
+    from pipelines.schedule import _PgLock
+
+    files = [str(pipeline_file(tmp_path, "free", "0 0 1 1 *")),
+             str(pipeline_file(tmp_path, "busy", "0 0 1 1 *"))]
+    engine = sa.create_engine(pg_url)
+    held = _PgLock(engine, "busy")
+    assert held.acquire()
+    try:
+        s = Scheduler(tmp_path, [*files, "--run-now", "--command",
+                                 child_cmd(tmp_path, "sleep:0")],
+                      {**env, "MLFLOW_TRACKING_URI": pg_url})
+        schedulers.append(s)
+
+        def outcomes():
+            try:
+                with engine.connect() as conn:
+                    return dict(conn.execute(sa.text(
+                        f"SELECT pipeline, outcome FROM {RUNS_TABLE}")).fetchall())
+            except sa.exc.ProgrammingError:
+                return {}
+
+        got = wait_for(lambda: len(outcomes()) == 2 and outcomes(), 30, "both outcomes", s)
+        assert s.stop() == 0
+        assert got == {"free": "success", "busy": "skipped_overlap"}
+        with engine.connect() as conn:
+            ids = {r[0] for r in conn.execute(sa.text(f"SELECT id FROM {JOBS_TABLE}"))}
+        assert ids == {job_id("free"), job_id("busy")}
+    finally:
+        held.release()
+        engine.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_scheduled_fire_runs_maas_run_tagged_schedule(tmp_path, tiny_checkpoint, mlflow_store,
+                                                      schedulers):
+    """The real thing, once: the fire runs `maas run PIPELINE --trigger schedule` on a tiny
+    pipeline and the MLflow parent run is tagged maas.trigger=schedule."""
+    from mlflow import MlflowClient
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import write_pipeline
+
+    path = write_pipeline(tmp_path, tiny_checkpoint, schedule="0 0 1 1 *",
+                          **{"tuning__n_trials": 1, "tuning__max_epochs": 1})
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    s = Scheduler(tmp_path, [str(path), "--run-now", "--retries", "0"], env)
+    schedulers.append(s)
+    db = tmp_path / "mlflow.db"
+    wait_for(lambda: [r for r in rows(db, "tiny") if r["outcome"] in ("success", "failed")],
+             800, "the scheduled maas run to finish", s)
+    assert s.stop() == 0
+    (rec,) = rows(db, "tiny")
+    assert rec["outcome"] == "success", (rec, s.output())
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string="tags.`maas.role` = 'pipeline'")
+    assert len(runs) == 1 and runs[0].data.tags["maas.trigger"] == "schedule"
+    assert runs[0].info.status == "FINISHED"
