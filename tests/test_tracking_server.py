@@ -1,0 +1,631 @@
+"""Tracking-server mode: a real ``mlflow server`` on PostgreSQL with proxied artifacts.
+
+* the whole pipeline through the server (``maas run``, then ``maas build NAME@champion``);
+* the basic-auth app: no default admin credential, anonymous writes refused, a user with
+  credentials drives ``registry`` end to end, another user without a grant is kept out;
+* path traversal probes against the proxied artifact API and the run/model-version artifact
+  routes: refused, nothing written outside the artifacts destination, the secret never read;
+* eight processes registering versions of one model at once: versions 1..8, none lost.
+
+Every server is started in its own process group on 127.0.0.1 and killed with it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import warnings
+from base64 import b64encode
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import PG_ADMIN, write_pipeline
+
+pytestmark = [pytest.mark.postgres]
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_PASSWORD = "maas-admin-" + uuid.uuid4().hex[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Server helpers (also imported by tests/test_promote_concurrency.py)
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def fresh_pg_db(prefix: str = "maas_srv") -> Iterator[str]:
+    """A new database in the machine's PostgreSQL, dropped (FORCE) afterwards."""
+    import sqlalchemy as sa
+
+    try:
+        admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({exc!r}); see .ci/run")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+class Server:
+    """A running ``mlflow server``: its URL, artifacts destination, log and process."""
+
+    def __init__(self, url: str, port: int, artifacts: Path, log: Path, proc: subprocess.Popen,
+                 backend: str):
+        self.url, self.port, self.artifacts, self.log = url, port, artifacts, log
+        self.proc, self.backend = proc, backend
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the server's process group (uvicorn workers, job runners), then SIGKILL."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        proc.poll()
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None,
+                  workers: int = 2, start_timeout_s: float = 180.0) -> Iterator[Server]:
+    """``mlflow server`` on ``backend`` with proxied artifacts under ``folder/artifacts``.
+
+    Bound to 127.0.0.1 on a free port; waits for ``/health``; the whole process group is killed
+    on exit. ``auth_config``: start the basic-auth app with that config file.
+    """
+    artifacts = folder / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = folder / f"mlflow-server-{port}.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", str(workers)]
+    env = {**os.environ,
+           # the GenAI job runner (huey consumers) is not needed here: 8 fewer processes
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(k, None)
+    if auth_config is not None:
+        cmd += ["--app-name", "basic-auth"]
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", port, artifacts, log, proc, backend)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{server.log_tail()}")
+            try:
+                status, body = request(server, "GET", "/health", timeout=2)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy in {start_timeout_s:.0f} s:\n"
+                            f"{server.log_tail()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        _kill_group(proc)
+
+
+def request(server: Server, method: str, path: str, body: bytes | dict | None = None,
+            auth: tuple[str, str] | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """One raw HTTP request; ``path`` goes on the wire exactly as given (no normalisation)."""
+    headers = {}
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if auth is not None:
+        headers["Authorization"] = "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def client_env(server: Server, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, **extra}
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+@contextlib.contextmanager
+def tracking_to(uri: str, **env: str) -> Iterator[None]:
+    """Point this process's MLflow client at ``uri`` (and credentials) for the block."""
+    import mlflow
+
+    keys = ["MLFLOW_TRACKING_URI", *env]
+    saved = {k: os.environ.get(k) for k in keys}
+    previous_uri = mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.update(env)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if mlflow.active_run():
+            mlflow.end_run()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        mlflow.set_tracking_uri(previous_uri)
+
+
+def log_echo_model(experiment: str) -> tuple[str, str]:
+    """Log a tiny pyfunc model (echoes its input) in a new run; returns (model_uri, run_id)."""
+    import mlflow
+    import mlflow.pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[str], params=None) -> list[str]:
+            return model_input
+
+    mlflow.set_experiment(experiment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mlflow.start_run() as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(),
+                                           pip_requirements=[])
+    return info.model_uri, run.info.run_id
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    """A plain (no auth) tracking server on a fresh PostgreSQL database, proxied artifacts."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with fresh_pg_db() as backend, mlflow_server(folder, backend) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory) -> Iterator[Server]:
+    """The basic-auth app: own admin password, default_permission NO_PERMISSIONS, auth DB in
+    SQLite beside the server; tracking data on a fresh PostgreSQL database."""
+    folder = tmp_path_factory.mktemp("mlflow-auth-server")
+    config = folder / "basic_auth.ini"
+    config.write_text(textwrap.dedent(f"""\
+        [mlflow]
+        default_permission = NO_PERMISSIONS
+        database_uri = sqlite:///{folder / 'basic_auth.db'}
+        admin_username = admin
+        admin_password = {ADMIN_PASSWORD}
+        authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+        """))
+    with fresh_pg_db() as backend, mlflow_server(folder, backend, auth_config=config) as srv:
+        yield srv
+
+
+# --------------------------------------------------------------------------------------------
+# a. The pipeline through the server
+# --------------------------------------------------------------------------------------------
+
+
+def _maas(args: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_pipeline_through_tracking_server_then_build_from_alias(
+        server, tmp_path, pg_url, tiny_checkpoint):
+    from mlflow import MlflowClient
+
+    name = "srv-tiny"
+    pipe = write_pipeline(tmp_path, tiny_checkpoint, name="srv", registry__model_name=name,
+                          tracking_uri=server.url)
+    env = client_env(server, BENTOML_HOME=str(tmp_path / "bentoml"), MAAS_HEARTBEAT_S="2")
+    t0 = time.monotonic()
+    res = _maas(["run", str(pipe), "--storage", pg_url, "--no-build"], env, tmp_path, 900)
+    assert res.returncode == 0, f"maas run failed ({res.returncode}):\n{res.stderr[-5000:]}"
+    run_s = time.monotonic() - t0
+    # nothing was written to a local store: no sqlite beside the pipeline, no ./mlruns
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "optuna.db").exists()
+
+    with tracking_to(server.url):
+        client = MlflowClient()
+        exp = client.get_experiment_by_name("srv")
+        assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")
+        parents = client.search_runs([exp.experiment_id], "tags.`maas.role` = 'pipeline'")
+        assert len(parents) == 1
+        parent = parents[0]
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["maas.status"] == "finished"
+        assert parent.data.tags["optuna.storage"].startswith("postgresql://")
+        trials = client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        trial_runs = [r for r in trials if "maas.trial_number" in r.data.tags]
+        assert len(trial_runs) == 2
+        assert {r.data.tags["maas.trial_state"] for r in trial_runs} <= {"COMPLETE", "PRUNED"}
+        assert all("val_accuracy" in r.data.metrics for r in trial_runs)
+
+        # the registered version: lineage tags, challenger + champion, decision recorded
+        mv = client.get_model_version_by_alias(name, "champion")
+        assert str(mv.version) == "1"
+        tags = mv.tags
+        assert tags["maas.run_id"] == parent.info.run_id
+        assert tags["maas.registration"] == "complete"
+        assert tags["maas.data_fingerprint"] == parent.data.tags["maas.data_fingerprint"]
+        assert tags["maas.config_hash"] == parent.data.tags["maas.config_hash"]
+        assert tags["maas.study"] == parent.data.tags["optuna.study"]
+        assert tags["maas.suite_success"] == "true"
+        assert float(tags["maas.metric.accuracy"]) >= 0.0
+        assert tags["maas.decision.promote"] == "true"
+        assert tags["maas.promoted_by"] == "pipeline"
+        attempts = [json.loads(v) for k, v in tags.items()
+                    if k.startswith("maas.promotion_attempt.")]
+        assert [a["outcome"] for a in attempts] == ["promoted"]
+        assert client.get_model_version_by_alias(name, "challenger").version == mv.version
+        # the model's files went through the proxy into the server's artifacts destination
+        assert any(p.name == "MLmodel" for p in server.artifacts.rglob("MLmodel"))
+        # the Optuna study is in PostgreSQL, not in MLflow
+        import optuna
+
+        (summary,) = optuna.get_all_study_summaries(pg_url)
+        assert summary.study_name == parent.data.tags["optuna.study"]
+        assert summary.n_trials == 2
+
+    # a bento from the alias, against the same server
+    t1 = time.monotonic()
+    res = _maas(["build", f"{name}@champion"], env, tmp_path, 600)
+    assert res.returncode == 0, f"maas build failed ({res.returncode}):\n{res.stderr[-5000:]}"
+    assert f"v{mv.version}" in res.stdout and "bento " in res.stdout
+    build_s = time.monotonic() - t1
+    print(f"maas run through server: {run_s:.0f} s; maas build from alias: {build_s:.0f} s")
+    assert any((tmp_path / "bentoml" / "bentos").rglob("bento.yaml"))
+
+
+# --------------------------------------------------------------------------------------------
+# b. Auth on
+# --------------------------------------------------------------------------------------------
+
+ANON_WRITES = [
+    ("/api/2.0/mlflow/experiments/create", {"name": "anon-exp"}),
+    ("/api/2.0/mlflow/registered-models/create", {"name": "anon-model"}),
+    ("/api/2.0/mlflow/users/create", {"username": "mallory", "password": "x" * 12}),
+]
+
+
+def test_auth_default_admin_refused_and_anonymous_writes_refused(auth_server):
+    srv = auth_server
+    assert request(srv, "GET", "/health")[0] == 200  # health stays open for probes
+    search = "/api/2.0/mlflow/experiments/search?max_results=10"
+    # the credential earlier MLflow versions shipped is not accepted
+    assert request(srv, "GET", search, auth=("admin", "password1234"))[0] == 401
+    assert request(srv, "GET", search, auth=("admin", ""))[0] == 401
+    assert request(srv, "GET", search)[0] == 401
+    for path, body in ANON_WRITES:
+        status, data = request(srv, "POST", path, body)
+        assert status in (401, 403), (path, status, data[:300])
+        status, _ = request(srv, "POST", path, body, auth=("admin", "password1234"))
+        assert status in (401, 403), (path, status)
+    # the configured admin password works
+    assert request(srv, "GET", search, auth=("admin", ADMIN_PASSWORD))[0] == 200
+    # and nothing the anonymous calls asked for exists
+    status, data = request(srv, "GET", "/api/2.0/mlflow/registered-models/get?name=anon-model",
+                           auth=("admin", ADMIN_PASSWORD))
+    assert status == 404, data[:300]
+    status, data = request(srv, "GET", "/api/2.0/mlflow/experiments/get-by-name"
+                           "?experiment_name=anon-exp", auth=("admin", ADMIN_PASSWORD))
+    assert status == 404, data[:300]
+
+
+def test_auth_user_drives_registry_other_user_kept_out(auth_server, tmp_path):
+    import mlflow
+    from mlflow.server import get_app_client
+
+    from registry import CHAMPION, champion, describe, promote, register, rollback
+
+    srv = auth_server
+    alice, bob = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"
+    alice_pw, bob_pw = uuid.uuid4().hex, uuid.uuid4().hex
+    with tracking_to(srv.url, MLFLOW_TRACKING_USERNAME="admin",
+                     MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD):
+        admin = get_app_client("basic-auth", tracking_uri=srv.url)
+        admin.create_user(alice, alice_pw)
+        admin.create_user(bob, bob_pw)
+        # rotate bob's password: the old one stops working
+        new_bob_pw = uuid.uuid4().hex
+        admin.update_user_password(bob, new_bob_pw)
+    assert request(srv, "GET", "/api/2.0/mlflow/experiments/search?max_results=1",
+                   auth=(bob, bob_pw))[0] == 401
+    bob_pw = new_bob_pw
+
+    name = f"auth-model-{uuid.uuid4().hex[:6]}"
+    with tracking_to(srv.url, MLFLOW_TRACKING_USERNAME=alice, MLFLOW_TRACKING_PASSWORD=alice_pw):
+        model_uri, run1 = log_echo_model(f"auth-exp-{alice}")
+        _, run2 = log_echo_model(f"auth-exp-{alice}")
+        v1 = register(model_uri, name, run_id=run1, tags={"maas.metric.accuracy": "0.8"})
+        v2 = register(model_uri, name, run_id=run2, tags={"maas.metric.accuracy": "0.9"})
+        assert (str(v1.version), str(v2.version)) == ("1", "2")
+        assert promote(name, v1.version, actor="alice") == "1"
+        assert promote(name, v2.version, actor="alice") == "2"
+        assert str(champion(name).version) == "2"
+        assert [r["version"] for r in describe(name)] == ["2", "1"]
+        assert rollback(name) == "1"
+        assert str(champion(name).version) == "1"
+        # the champion's files come back through the authenticated artifact proxy
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+        assert list(loaded.predict(["x"])) == ["x"]
+
+    # bob (authenticated, no grant; default_permission NO_PERMISSIONS) cannot read or move it
+    q = f"name={name}"
+    status, _ = request(srv, "GET", f"/api/2.0/mlflow/registered-models/get?{q}",
+                        auth=(bob, bob_pw))
+    assert status == 403
+    status, _ = request(srv, "POST", "/api/2.0/mlflow/registered-models/alias",
+                        {"name": name, "alias": "champion", "version": "2"}, auth=(bob, bob_pw))
+    assert status == 403
+    with tracking_to(srv.url, MLFLOW_TRACKING_USERNAME=bob, MLFLOW_TRACKING_PASSWORD=bob_pw):
+        with pytest.raises(mlflow.exceptions.MlflowException) as err:
+            promote(name, "2", actor="bob")
+        assert "403" in str(err.value) or "PERMISSION_DENIED" in str(err.value)
+    with tracking_to(srv.url, MLFLOW_TRACKING_USERNAME=alice, MLFLOW_TRACKING_PASSWORD=alice_pw):
+        assert str(champion(name).version) == "1"
+    # anonymous reads of the model are refused as well
+    assert request(srv, "GET", f"/api/2.0/mlflow/registered-models/get?{q}")[0] == 401
+
+
+# --------------------------------------------------------------------------------------------
+# c. Path traversal against the proxied artifact API
+# --------------------------------------------------------------------------------------------
+
+ART = "/api/2.0/mlflow-artifacts/artifacts"
+
+
+def _traversal_probes(outside: Path) -> list[str]:
+    """Paths that would leave the artifacts destination if the server resolved them naively.
+    ``outside`` is the planted file's folder (the destination's parent)."""
+    abs_secret = str(outside / "secret.txt")
+    return [
+        f"{ART}/../secret.txt",
+        f"{ART}/ok/../../secret.txt",
+        f"{ART}/%2e%2e/secret.txt",
+        f"{ART}/%2e%2e%2fsecret.txt",
+        f"{ART}/ok/..%2f..%2fsecret.txt",
+        f"{ART}/%252e%252e%252fsecret.txt",              # double-encoded
+        f"{ART}/%25252e%25252e%25252fsecret.txt",        # triple-encoded
+        f"{ART}/{abs_secret}",                           # //abs/path
+        f"{ART}/{abs_secret.replace('/', '%2f')}",
+        f"{ART}/file:{abs_secret}",
+        f"{ART}/file%3a%2f%2f{abs_secret.replace('/', '%2f')}",
+        f"{ART}/ok/%2e%2e/%2e%2e/secret.txt",
+    ]
+
+
+# On POSIX a backslash is an ordinary file-name character, and so are the bytes of an overlong
+# UTF-8 "/" (%c0%af): MLflow treats `..\x` or `..\xc0\xafx` as one odd name, which the PUT may
+# create -- inside the destination. (A Windows server would see `..\` as a parent step.)
+ODD_NAME_PROBES = [f"{ART}/..\\secret.txt", f"{ART}/..%5csecret.txt",
+                   f"{ART}/ok\\..\\..\\secret.txt", f"{ART}/%2e%2e%5c%2e%2e%5csecret.txt",
+                   f"{ART}/..%c0%afsecret.txt", f"{ART}/..%c0%af..%c0%afsecret.txt"]
+
+
+def _snapshot(root: Path, skip: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_size for p in root.rglob("*")
+            if p.is_file() and skip not in p.parents and not p.name.endswith(".log")}
+
+
+def test_artifact_path_traversal_refused(server):
+    srv = server
+    outside = srv.artifacts.parent
+    secret = "TOP-SECRET-" + uuid.uuid4().hex
+    (outside / "secret.txt").write_text(secret)
+    (srv.artifacts / "ok").mkdir(exist_ok=True)
+    (srv.artifacts / "ok" / "inside.txt").write_text("fine")
+    before = _snapshot(outside, srv.artifacts)
+    marker = b"PWNED-" + uuid.uuid4().hex.encode()
+
+    # sanity: the proxy does serve and accept files inside the destination
+    assert request(srv, "GET", f"{ART}/ok/inside.txt") == (200, b"fine")
+    assert request(srv, "PUT", f"{ART}/ok/new.txt", marker)[0] == 200
+    assert (srv.artifacts / "ok" / "new.txt").read_bytes() == marker
+
+    refused: list[tuple[str, str, int]] = []
+    for path in _traversal_probes(outside):
+        status, body = request(srv, "GET", path)
+        assert secret.encode() not in body, f"GET {path} leaked the secret"
+        assert 400 <= status < 500, f"GET {path} -> {status} {body[:200]!r}"
+        put = path.replace("secret.txt", "pwned.txt")
+        status, body = request(srv, "PUT", put, marker)
+        assert 400 <= status < 500, f"PUT {put} -> {status} {body[:200]!r}"
+        refused.append((path, "GET/PUT", status))
+    # listing outside the destination
+    for q in ["..", "%2e%2e", "ok/../..", "..%2f", str(outside), "%2f"]:
+        status, body = request(srv, "GET", f"{ART}?path={q}")
+        assert 400 <= status < 500, f"list {q} -> {status} {body[:200]!r}"
+        assert b"secret.txt" not in body
+    # backslashes, overlong UTF-8: never the secret, and any write lands inside the destination
+    odd_puts = []
+    for path in ODD_NAME_PROBES:
+        status, body = request(srv, "GET", path)
+        assert secret.encode() not in body and status in (400, 403, 404), (path, status)
+        status, _ = request(srv, "PUT", path.replace("secret.txt", "pwned.txt"), marker)
+        assert status < 500, (path, status)
+        odd_puts.append((path, status))
+    print("odd-name PUTs (POSIX: one file name, inside the destination):", odd_puts)
+
+    # nothing outside the destination was created or changed; the secret is intact
+    assert _snapshot(outside, srv.artifacts) == before
+    assert (outside / "secret.txt").read_text() == secret
+    assert not list(Path("/tmp").glob("pwned.txt")) and not Path("/pwned.txt").exists()
+    for p in srv.artifacts.rglob("*pwned*"):  # an odd name is one file, inside
+        assert srv.artifacts in p.parents and p.read_bytes() == marker
+        print("created inside the destination:", repr(str(p.relative_to(srv.artifacts))))
+
+
+def test_run_and_model_version_artifact_routes_refuse_traversal(server):
+    """The tracking API's own artifact routes, and experiments whose artifact_location tries to
+    leave the destination, cannot be used to read the planted secret."""
+    srv = server
+    outside = srv.artifacts.parent
+    secret = "TOP-SECRET-" + uuid.uuid4().hex
+    (outside / "secret.txt").write_text(secret)
+    exp = f"trav-{uuid.uuid4().hex[:6]}"
+    status, data = request(srv, "POST", "/api/2.0/mlflow/experiments/create", {"name": exp})
+    assert status == 200, data
+    eid = json.loads(data)["experiment_id"]
+    status, data = request(srv, "POST", "/api/2.0/mlflow/runs/create", {"experiment_id": eid})
+    run_id = json.loads(data)["run"]["info"]["run_id"]
+    for p in ["../../../secret.txt", "..%2f..%2f..%2fsecret.txt", str(outside / "secret.txt"),
+              "%2e%2e/%2e%2e/%2e%2e/secret.txt", "..\\..\\..\\secret.txt"]:
+        for route in (f"/get-artifact?run_uuid={run_id}&path={p}",
+                      f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path={p}"):
+            status, body = request(srv, "GET", route)
+            assert secret.encode() not in body, (route, status)
+            if status == 200 and "/list" in route:
+                assert not json.loads(body).get("files"), (route, body[:300])
+            if "\\" in p:  # POSIX: one odd name; an empty listing / 404 is fine
+                assert status in (200, 400, 404), (route, status)
+            else:
+                assert 400 <= status < 500, (route, status)
+
+    # registry sources outside the destination are refused at registration
+    request(srv, "POST", "/api/2.0/mlflow/registered-models/create", {"name": exp})
+    for source in [str(outside), f"file://{outside}", "mlflow-artifacts:/../",
+                   "mlflow-artifacts:/%2e%2e/"]:
+        status, body = request(srv, "POST", "/api/2.0/mlflow/model-versions/create",
+                               {"name": exp, "source": source})
+        assert 400 <= status < 500, (source, status, body[:200])
+    status, body = request(srv, "GET",
+                           f"/model-versions/get-artifact?name={exp}&version=1&path=../secret.txt")
+    assert secret.encode() not in body and 400 <= status < 500
+
+    # An experiment may be created with an artifact_location that escapes the destination
+    # (MLflow accepts `mlflow-artifacts:/../..`): its runs' uploads are still refused by the
+    # proxy, and nothing outside is served back.
+    status, data = request(srv, "POST", "/api/2.0/mlflow/experiments/create",
+                           {"name": exp + "-esc", "artifact_location": "mlflow-artifacts:/../.."})
+    if status == 200:
+        eid = json.loads(data)["experiment_id"]
+        status, data = request(srv, "POST", "/api/2.0/mlflow/runs/create",
+                               {"experiment_id": eid})
+        info = json.loads(data)["run"]["info"]
+        rel = info["artifact_uri"][len("mlflow-artifacts:"):].lstrip("/")
+        status, _ = request(srv, "PUT", f"{ART}/{rel}/pwned.txt", b"PWNED")
+        assert 400 <= status < 500
+        for p in ["secret.txt", "../secret.txt", "../../secret.txt"]:
+            status, body = request(srv, "GET", f"/get-artifact?run_uuid={info['run_id']}&path={p}")
+            assert secret.encode() not in body
+    assert not list(outside.parent.rglob("pwned.txt"))
+
+
+# --------------------------------------------------------------------------------------------
+# d. Eight registrations at once
+# --------------------------------------------------------------------------------------------
+
+_REGISTER = textwrap.dedent("""\
+    import sys, time, warnings
+    warnings.simplefilter("ignore")
+    from registry import register
+    model_uri, name, run_id, start_at = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    time.sleep(max(0.0, start_at - time.time()))
+    t0 = time.time()
+    mv = register(model_uri, name, run_id=run_id, tags={"maas.metric.accuracy": "0.5"})
+    print(f"{mv.version} {mv.status} {time.time() - t0:.2f}")
+    """)
+
+
+def test_eight_parallel_registrations_get_versions_1_to_8(server, tmp_path):
+    from mlflow import MlflowClient
+
+    name = f"par-{uuid.uuid4().hex[:6]}"
+    with tracking_to(server.url):
+        model_uri, _ = log_echo_model("parallel-registrations")
+        client = MlflowClient()
+        exp = client.get_experiment_by_name("parallel-registrations").experiment_id
+        run_ids = []
+        for _ in range(8):  # register() is idempotent per run id: one run per registration
+            run = client.create_run(exp)
+            client.set_terminated(run.info.run_id)
+            run_ids.append(run.info.run_id)
+    script = tmp_path / "register_one.py"
+    script.write_text(_REGISTER)
+    start_at = time.time() + 20  # all 8 interpreters have imported mlflow by then (2 cores)
+    env = client_env(server, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, str(script), model_uri, name, rid, str(start_at)],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rid in run_ids]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            outs.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    failed = [(rc, err[-2000:]) for rc, _, err in outs if rc != 0]
+    assert not failed, f"{len(failed)} of 8 registrations failed: {failed[:2]}"
+    late = [o for o in outs if float(o[1].split()[2]) > 60]
+    assert not late
+    reported = sorted(int(o[1].split()[0]) for o in outs)
+    assert reported == list(range(1, 9))
+    with tracking_to(server.url):
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+        assert sorted(int(v.version) for v in versions) == list(range(1, 9))
+        assert all(v.status == "READY" for v in versions)
+        assert all(v.tags.get("maas.registration") == "complete" for v in versions)
+        assert sorted(v.tags["maas.run_id"] for v in versions) == sorted(run_ids)
+        ch = MlflowClient().get_model_version_by_alias(name, "challenger")
+        assert 1 <= int(ch.version) <= 8
