@@ -1,0 +1,39 @@
+"""Helpers for tests and benchmarks: log a transformers text classifier the way the pipeline does
+(``mlflow.transformers.log_model`` with model + tokenizer, safetensors), register it and point an
+alias at it. Needs ``MLFLOW_TRACKING_URI`` (or ``mlflow.set_tracking_uri``) set by the caller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LABELS = ("negative", "positive")
+
+
+def load_classifier(checkpoint: str | Path, labels: tuple[str, ...] = LABELS):
+    """(model, tokenizer) from a local checkpoint folder, with the label map set."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    id2label = dict(enumerate(labels))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        checkpoint, num_labels=len(labels), id2label=id2label,
+        label2id={v: k for k, v in id2label.items()})
+    return model, AutoTokenizer.from_pretrained(checkpoint)
+
+
+def register_classifier(model: Any, tokenizer: Any, name: str, alias: str = "champion") -> str:
+    """Log, register and alias; returns the registered version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    with mlflow.start_run():
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+            task="text-classification",
+            # explicit requirements: the inferred ones import torchvision, which MaaS lacks
+            pip_requirements=["torch", "transformers"],
+        )
+    mv = mlflow.register_model(info.model_uri, name)
+    MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)
