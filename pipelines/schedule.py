@@ -1,10 +1,11 @@
-"""`maas schedule`: run pipelines on their cron schedules (APScheduler 3.x), list them, export them.
+"""`maas schedule`: run pipelines on their cron schedules (APScheduler 3.x), list, export them.
 
 One long-lived process (a ``BackgroundScheduler``) keeps one job per scheduled pipeline in a
 ``SQLAlchemyJobStore`` table (``maas_scheduler_jobs``) of the same database as MLflow tracking, and
 records every fire in ``maas_schedule_runs`` beside it. Each fire runs the pipeline in a child
-process, ``python -m pipelines.cli run PIPELINE --trigger schedule``, so a crash or an OOM kill of a
-run never takes the scheduler down, and each run is an MLflow run tagged ``maas.trigger=schedule``.
+process, ``python -m pipelines.cli run PIPELINE --trigger schedule``, so a crash or an OOM kill
+of a run never takes the scheduler down, and each run is an MLflow run tagged
+``maas.trigger=schedule``.
 
 Policies (docs/scheduling.md says the same for users):
 
@@ -44,10 +45,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import click
 
@@ -255,6 +257,10 @@ class Store:
     def has_table(self, name: str) -> bool:
         import sqlalchemy as sa
 
+        db = self.engine.url.database
+        if self.engine.dialect.name == "sqlite" and db and db != ":memory:" \
+                and not Path(db).exists():
+            return False  # don't create the file just to look
         return sa.inspect(self.engine).has_table(name)
 
     def record(self, pipeline: str, outcome: str, *, fire_time: datetime | None = None,
@@ -289,7 +295,7 @@ class Store:
         with self.engine.connect() as conn:
             return sorted(r[0] for r in conn.execute(sa.select(self.runs.c.pipeline).distinct()))
 
-    def lock(self, pipeline: str) -> "_PgLock | _FileLock":
+    def lock(self, pipeline: str) -> _PgLock | _FileLock:
         if self.is_pg:
             return _PgLock(self.engine, pipeline)
         db = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
@@ -636,8 +642,7 @@ def serve(items: list[tuple[Path, Any]], db_url: str, opts: _Options) -> int:
     )
 
     def on_event(event) -> None:
-        name = event.job_id[len(JOB_PREFIX):] if event.job_id.startswith(JOB_PREFIX) else \
-            event.job_id
+        name = event.job_id.removeprefix(JOB_PREFIX)
         if event.code == EVENT_JOB_MAX_INSTANCES:
             fire = event.scheduled_run_times[-1]
             log.warning("%s: fire %s skipped: the previous run is still going", name, _fmt(fire))
@@ -850,7 +855,8 @@ def _codes(text: str) -> list[int]:
     try:
         return sorted({int(x) for x in text.replace(" ", "").split(",") if x})
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated exit codes, e.g. 2,3")
+        raise click.BadParameter(
+            f"{text!r}: expected comma-separated exit codes, e.g. 2,3") from None
 
 
 def _load(pipelines: tuple[Path, ...]) -> list[tuple[Path, Any]]:
