@@ -275,16 +275,21 @@ def _texts_of(inputs: Any) -> list[str]:
     return list(inputs)
 
 
-def run_local(target, name, model_uri, flavor=None, config=None):
-    """Build the deployment's bento (or reuse it when it already exists with the same model URI)
-    and serve it in the foreground with ``bentoml serve`` on ``config['host']`` (default
-    127.0.0.1) and ``config['port']`` (default 3000) until interrupted."""
+def run_local(name, model_uri, flavor=None, config=None):
+    """Build the deployment's bento (or reuse it when it already exists with the same model URI
+    and no config is given) and serve it in the foreground with ``bentoml serve`` on
+    ``config['host']`` (default 127.0.0.1) and ``config['port']`` (default 3000) until
+    interrupted.
+
+    The signature is what ``mlflow.deployments.run_local`` calls (``name, model_uri, flavor,
+    config``: MLflow's base-module docstring also lists ``target``, but the target is not passed).
+    """
     _check_name(name)
     _check_flavor(flavor)
     config = dict(config or {})
     host = str(config.pop("host", "127.0.0.1"))
     port = int(config.pop("port", 3000))
-    client = BentoMLDeploymentClient(target)
+    client = BentoMLDeploymentClient(TARGET)
     try:
         current = client.get_deployment(name)
     except MlflowException:

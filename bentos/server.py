@@ -48,7 +48,9 @@ class RunningServer:
             return ""
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session=True``), then
+    SIGKILL it after ``grace_s``."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -104,4 +106,4 @@ def serve_bento(bento_tag: str, *, host: str = "127.0.0.1", port: int | None = N
             wait_ready(url, proc, startup_timeout_s, log_path)
             yield RunningServer(url=url, process=proc, log_path=log_path)
         finally:
-            _stop(proc)
+            stop_process(proc)

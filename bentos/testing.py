@@ -37,3 +37,35 @@ def register_classifier(model: Any, tokenizer: Any, name: str, alias: str = "cha
     mv = mlflow.register_model(info.model_uri, name)
     MlflowClient().set_registered_model_alias(name, alias, mv.version)
     return str(mv.version)
+
+
+def load_service(bento_tag: str, **overrides: Any):
+    """Instantiate the ``TextClassifier`` of bento ``bento_tag`` in this process (for in-process
+    measurements and tests), with ``overrides`` applied to its settings (e.g. ``quantize=True``).
+    Returns ``(module, instance)``; ``instance.predict_texts(texts)`` is one model call."""
+    import importlib.util
+    import json
+    import shutil
+    import sys
+    import tempfile
+    import uuid
+
+    import bentoml
+
+    from bentos.build import CONFIG_FILENAME, SERVICE_MODULE, bentoml_store_scope
+
+    with bentoml_store_scope(), tempfile.TemporaryDirectory(prefix="maas-svc-") as tmp:
+        src = Path(bentoml.bentos.get(bento_tag).path) / "src"
+        shutil.copy2(src / f"{SERVICE_MODULE}.py", Path(tmp) / f"{SERVICE_MODULE}.py")
+        config = json.loads((src / CONFIG_FILENAME).read_text("utf-8"))
+        config["settings"].update(overrides)
+        (Path(tmp) / CONFIG_FILENAME).write_text(json.dumps(config), "utf-8")
+        name = f"maas_service_{uuid.uuid4().hex[:12]}"
+        spec = importlib.util.spec_from_file_location(name, Path(tmp) / f"{SERVICE_MODULE}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)  # reads bento_config.json now, at import
+            return module, module.TextClassifier()
+        finally:
+            sys.modules.pop(name, None)

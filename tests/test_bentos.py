@@ -5,10 +5,8 @@ called over HTTP. The service is also instantiated in-process for the quantised 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -243,35 +241,19 @@ def test_health_and_metrics(server):
 
 
 # -- the service in-process: quantised CPU path and GPU path ---------------------------------
-def _service_instance(built, tmp_path, **settings):
-    """Instantiate the bento's TextClassifier in this process with changed settings."""
-    import bentoml
+def _service_instance(built, **settings):
+    """The bento's TextClassifier instantiated in this process with changed settings."""
+    from bentos.testing import load_service
 
-    result, ctx = built
-    src = tmp_path / "svc"
-    src.mkdir(parents=True)
-    shutil.copy2(ctx / "service.py", src / "service.py")
-    config = json.loads((ctx / "bento_config.json").read_text())
-    config["settings"].update(settings)
-    (src / "bento_config.json").write_text(json.dumps(config))
-    name = f"maas_service_{abs(hash(str(tmp_path)))}"
-    spec = importlib.util.spec_from_file_location(name, src / "service.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-        with bentoml_store_scope():
-            assert isinstance(module.TextClassifier, bentoml.Service)
-            return module, module.TextClassifier()
-    finally:
-        sys.modules.pop(name, None)
+    result, _ = built
+    return load_service(result.bento_tag, **settings)
 
 
-def test_quantized_service_in_process(store, built, tmp_path):
+def test_quantized_service_in_process(store, built):
     import torch
 
-    _, plain = _service_instance(built, tmp_path / "fp32")
-    _, quant = _service_instance(built, tmp_path / "int8", quantize=True)
+    _, plain = _service_instance(built)
+    _, quant = _service_instance(built, quantize=True)
     assert quant.quantized and quant.info["quantize"] is True
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")
                for m in quant.classifier.modules())
@@ -285,12 +267,12 @@ def test_quantized_service_in_process(store, built, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_service_uses_half_precision(store, built, tmp_path):
+def test_gpu_service_uses_half_precision(store, built):
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    module, svc = _service_instance(built, tmp_path / "gpu", quantize=True)
+    module, svc = _service_instance(built, quantize=True)
     assert module.HAS_CUDA and svc.device.type == "cuda"
     assert svc.dtype in (torch.bfloat16, torch.float16)
     assert svc.quantized is False  # int8 dynamic quantisation is CPU-only
