@@ -245,7 +245,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    "loadavg_start": os.getloadavg()},
         "args": vars(args),
     }
     t_all = time.perf_counter()
@@ -300,6 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["naive"] = drive(url, test_texts, args.texts_per_request, args.requests,
                                     levels, args.budget_s)
     report["wall_s"] = round(time.perf_counter() - t_all, 1)
+    report["machine"]["loadavg_end"] = os.getloadavg()
     report["verdict"] = verdict(report)
     return report
 
@@ -328,10 +330,13 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
     lines = [f"model: {report['model']}",
-             f"in-process limit: {report['in_process']['texts_per_s']} texts/s at batch "
-             f"{report['in_process']['batch_size']} "
-             f"({report['in_process']['batch_1']['texts_per_s']} at batch 1)",
+             (f"machine: {m['cpus']} CPUs, torch {m['torch']}, load average at start/end "
+              f"{m['loadavg_start'][0]:.1f}/{m['loadavg_end'][0]:.1f}"),
+             (f"in-process limit: {report['in_process']['texts_per_s']} texts/s at batch "
+              f"{report['in_process']['batch_size']} "
+              f"({report['in_process']['batch_1']['texts_per_s']} at batch 1)"),
              "", "| server | conc. | texts/s | p50 ms | p99 ms | p99/p50 | statuses | errors |",
              "|---|---|---|---|---|---|---|---|"]
     for kind in ("served", "naive"):
@@ -344,10 +349,10 @@ def table(report: dict[str, Any]) -> str:
                          f"{r['errors']} |")
     q = report["quantize"]
     lines += ["", f"mean model batch while served: {report.get('served_mean_batch')} texts",
-              f"quantize: fp32 {q['fp32']['texts_per_s']} -> int8 {q['int8']['texts_per_s']} "
-              f"texts/s (x{q['speedup']}); accuracy {q['fp32']['accuracy']} -> "
-              f"{q['int8']['accuracy']} (delta {q['accuracy_delta']:+.4f}, agreement "
-              f"{q['agreement']}, n={q['n']})", ""]
+              (f"quantize: fp32 {q['fp32']['texts_per_s']} -> int8 {q['int8']['texts_per_s']} "
+               f"texts/s (x{q['speedup']}); accuracy {q['fp32']['accuracy']} -> "
+               f"{q['int8']['accuracy']} (delta {q['accuracy_delta']:+.4f}, agreement "
+               f"{q['agreement']}, n={q['n']})"), ""]
     v = report["verdict"]
     lines.append(f"served best / in-process limit: {v['served_best_over_limit']}; served / "
                  f"naive at c=32: {v.get('served_over_naive_c32')}; 5xx: {v['served_5xx']}")
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32, help="service max_batch_size")
-    p.add_argument("--max-latency-ms", type=int, default=1000)
+    p.add_argument("--max-latency-ms", type=int, default=5000)
     p.add_argument("--max-concurrency", type=int, default=128)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads of the served worker (default: all cores)")

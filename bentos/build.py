@@ -21,9 +21,10 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +52,20 @@ _VERSION_URI = re.compile(r"^models:/(?P<name>.+)/(?P<version>\d+)$")
 class BentoSettings:
     """Serving settings baked into the bento.
 
-    ``max_latency_ms`` is BentoML's latency budget for the adaptive batcher: requests that the
-    batcher estimates cannot be answered within it are shed with HTTP 503 (BentoML's own default
-    is 60 s; 200 ms is a deliberate interactive setting). ``max_batch_size=1`` turns batching off.
-    ``quantize`` applies dynamic int8 quantisation of ``nn.Linear`` at load time on CPU (ignored on
-    GPU, where the model runs in bf16/fp16).
+    ``max_batch_size`` caps the texts per model call (BentoML's adaptive batcher merges the texts
+    of concurrent requests and splits a large request across calls; 1 turns batching off).
+    ``max_latency_ms`` is *not* a target latency: BentoML 1.4's batcher cancels queued requests
+    whose estimated completion time exceeds it and answers them 503 (its estimate is rough,
+    especially before it has seen batches of many sizes), so keep it well above the p99 you
+    expect; admission control is ``max_concurrency`` (in-flight requests per service, the excess
+    gets 429) and ``timeout`` (seconds per request, then 504). ``max_texts``/``max_chars`` are
+    the per-request limits (400 naming the limit). ``quantize`` applies dynamic int8
+    quantisation of ``nn.Linear`` at load time on CPU (ignored on GPU, where the model runs in
+    bf16/fp16).
     """
 
     max_batch_size: int = 32
-    max_latency_ms: int = 200
+    max_latency_ms: int = 5000
     max_texts: int = 64
     max_chars: int = 2000
     timeout: float = 30.0
@@ -88,7 +94,8 @@ class BentoSettings:
                 or self.timeout <= 0:
             raise ValueError(f"BentoSettings.timeout must be > 0 seconds, got {self.timeout!r}")
         if not isinstance(self.quantize, bool):
-            raise ValueError(f"BentoSettings.quantize must be a bool, got {self.quantize!r}")
+            raise ValueError(  # noqa: TRY004 (callers handle ValueError for all settings)
+                f"BentoSettings.quantize must be a bool, got {self.quantize!r}")
         if self.service_name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
                                                               self.service_name):
             raise ValueError("BentoSettings.service_name must be a Python-identifier-like name "

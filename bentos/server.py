@@ -15,9 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 #: environment for the child: no usage tracking (no network here), offline hub, quiet tokenizers
 QUIET_ENV = {

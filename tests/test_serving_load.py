@@ -60,7 +60,7 @@ def _serve(store, settings: BentoSettings, log_name: str):
 def test_1000_requests_at_concurrency_64(store):
     texts = _texts()
     # 1 to 4 texts per request, so the batcher merges and splits requests of different sizes
-    payloads = [texts[i:i + 1 + i % 4] for i in range(0, 400)]
+    payloads = [texts[i:i + 1 + i % 4] for i in range(400)]
     settings = BentoSettings(max_batch_size=32, max_latency_ms=10_000, max_texts=16,
                              max_concurrency=128, timeout=60.0)
     with _serve(store, settings, "server-load.log") as srv:

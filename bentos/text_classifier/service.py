@@ -41,7 +41,7 @@ logger = logging.getLogger("bentoml.maas.text_classifier")
 CONFIG_PATH = Path(__file__).with_name("bento_config.json")
 # Mirrors bentos.build.BentoSettings (this file cannot import the bentos package inside a bento).
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "max_batch_size": 32, "max_latency_ms": 1000, "max_texts": 64, "max_chars": 2000,
+    "max_batch_size": 32, "max_latency_ms": 5000, "max_texts": 64, "max_chars": 2000,
     "timeout": 30.0, "max_concurrency": 64, "workers": 1, "quantize": False,
     "service_name": None, "max_tokens": None, "torch_threads": None,
 }
@@ -97,7 +97,7 @@ def _check_texts(value: Any) -> Any:
     """Runs on the parsed JSON value before the items are validated (count limits first, so an
     oversized list is refused without validating each item)."""
     if not isinstance(value, list):
-        raise ValueError("texts must be a JSON array of strings")
+        raise ValueError("texts must be a JSON array of strings")  # noqa: TRY004 (pydantic)
     if not value:
         raise ValueError(f"texts is empty: send 1 to max_texts={MAX_TEXTS} texts")
     if len(value) > MAX_TEXTS:
@@ -107,7 +107,8 @@ def _check_texts(value: Any) -> Any:
 
 def _check_text(text: Any) -> Any:
     if not isinstance(text, str):
-        raise ValueError(f"each text must be a string, got {type(text).__name__}")
+        raise ValueError(  # noqa: TRY004 (pydantic turns ValueError into a 400)
+            f"each text must be a string, got {type(text).__name__}")
     if len(text) > MAX_CHARS:
         raise ValueError(f"text too long: {len(text)} > max_chars={MAX_CHARS} characters")
     if not text.strip():
