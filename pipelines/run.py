@@ -70,10 +70,18 @@ class RunResult:
 
 def configure_tracking(cfg: PipelineConfig) -> str:
     """The pipeline's tracking URI wins; else MLFLOW_TRACKING_URI; else MLflow's default
-    (``sqlite:///mlflow.db`` in the working directory)."""
+    (``sqlite:///mlflow.db`` in the working directory).
+
+    A database store's schema is created (or migrated) on first contact, under a lock: workers
+    starting together on an empty database would otherwise race on it."""
+    from pipelines.tuning import budget_lock
+
     if cfg.tracking_uri:
         mlflow.set_tracking_uri(cfg.tracking_uri)
-    return mlflow.get_tracking_uri()
+    uri = mlflow.get_tracking_uri()
+    with budget_lock(uri, "maas-mlflow-schema"):
+        MlflowClient().search_experiments(max_results=1)
+    return uri
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -95,6 +103,26 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def check_storage(storage_url: str, tracking_uri: str) -> None:
+    """Optuna and MLflow must not share one database: both keep an alembic ``alembic_version``
+    table, and each one's migrations fail on the other's revision."""
+    from pipelines.config import ConfigError
+
+    def norm(url: str) -> str:
+        return url.strip().rstrip("/").replace("postgresql+psycopg2://", "postgresql://")
+
+    if norm(storage_url) == norm(tracking_uri):
+        raise ConfigError(f"tuning.storage: {tuning_safe(storage_url)} is also the MLflow tracking "
+                          "store; give Optuna its own database (both use an alembic_version "
+                          "table), e.g. .../optuna next to .../mlflow")
+
+
+def tuning_safe(url: str) -> str:
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url)
 
 
 def check_suite(suite: str) -> None:
@@ -142,6 +170,8 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
     tracking_uri = configure_tracking(cfg)
     experiment_id = mlflow.set_experiment(cfg.name).experiment_id
     config_hash = cfg.config_hash()
+    storage_url = storage or cfg.tuning.storage or default_storage(tracking_uri)
+    check_storage(storage_url, tracking_uri)
     run_id = find_unfinished_run(experiment_id, config_hash, raw.fingerprint) if resume else None
     resumed = run_id is not None
     if resumed:
@@ -178,7 +208,7 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
                                "n_test": len(data.test), "labels": json.dumps(data.id2label)})
         with step("tune"):
             study, best = _tune(cfg, data, checkpoint, run.info.run_id, experiment_id,
-                                storage or cfg.tuning.storage or default_storage(tracking_uri))
+                                storage_url)
         result.study_name, result.best_trial = study.study_name, best.number
         result.best_params = dict(best.params)
         with step("evaluate"):
@@ -387,6 +417,7 @@ def join_study(cfg: PipelineConfig, storage: str, run_id: str | None = None,
     raw = load_data(cfg.data)
     configure_tracking(cfg)
     experiment_id = mlflow.set_experiment(cfg.name).experiment_id
+    check_storage(storage, mlflow.get_tracking_uri())
     deadline = time.monotonic() + wait_s
     store = tuning.make_storage(storage, heartbeat_interval=_heartbeat(storage))
     while True:

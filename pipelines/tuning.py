@@ -59,7 +59,9 @@ def make_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
             grace_period=heartbeat_interval * 3,
             failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
         )
-    return optuna.storages.RDBStorage(url, **kwargs)
+    # workers starting together on an empty database would race to create Optuna's schema
+    with budget_lock(url, "maas-optuna-schema"):
+        return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def open_study(cfg: PipelineConfig, storage: optuna.storages.BaseStorage, study_name: str
@@ -333,7 +335,11 @@ def log_study(study: optuna.Study) -> None:
 def _close_failed_attempt(trial: optuna.Trial) -> None:
     """A retried trial inherits the dead attempt's user attrs: close that attempt's MLflow run."""
     old = trial.user_attrs.get("mlflow_run_id")
-    if not old or "failed_trial" not in trial.system_attrs:
+    if not old:
+        return
+    # optuna 5 Trial has no system_attrs: read them from the storage
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    if "failed_trial" not in frozen.system_attrs:
         return
     client = mlflow.MlflowClient()
     try:

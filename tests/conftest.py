@@ -122,20 +122,36 @@ def pg_database():
 
 
 @pytest.fixture
-def pg_url(pg_database, request):
-    """A fresh database per test (a new one inside the session's server), dropped afterwards."""
+def pg_factory(pg_database):
+    """Fresh databases on the session's server, one per call, all dropped afterwards.
+
+    MLflow and Optuna each keep an alembic ``alembic_version`` table: give them separate
+    databases."""
     import uuid
 
     import sqlalchemy as sa
 
-    name = f"maas_t_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"maas_t_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        names.append(name)
+        return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+    yield make
     with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for name in names:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_factory):
+    """A fresh database per test (a new one inside the session's server), dropped afterwards."""
+    return pg_factory()
 
 
 @pytest.fixture(scope="session")

@@ -30,10 +30,15 @@ def _env(tracking: str, **extra: str) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MAAS_HEARTBEAT_S": "2", **extra}
 
 
-def _wait_running_trial(storage: str, pid: int, timeout: float = 240) -> optuna.trial.FrozenTrial:
-    """Poll the study storage until a trial run by process ``pid`` is RUNNING and past epoch 0."""
+def _wait_running_trial(storage: str, proc: subprocess.Popen, log: Path,
+                        timeout: float = 240) -> optuna.trial.FrozenTrial:
+    """Poll the study storage until a trial run by process ``proc`` is RUNNING."""
+    pid = proc.pid
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process {pid} exited ({proc.returncode}) before running a "
+                                 f"trial:\n{log.read_text()[-3000:]}")
         try:
             for summary in optuna.get_all_study_summaries(storage):
                 study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -52,10 +57,11 @@ def _study(storage: str) -> optuna.Study:
 
 
 def test_workers_share_one_study_budget_exact_and_killed_trial_retried(
-        tmp_path, pg_url, small_checkpoint):
-    # MLflow and Optuna both on the real PostgreSQL (MLflow's SQL store straight on the DB)
-    tracking = pg_url
-    storage = pg_url
+        tmp_path, pg_factory, small_checkpoint):
+    # MLflow and Optuna both on the real PostgreSQL (MLflow's SQL store straight on the DB);
+    # separate databases: both keep an alembic_version table
+    tracking = pg_factory()
+    storage = pg_factory()
     pipe = write_pipeline(tmp_path, small_checkpoint, name="dist", tuning__n_trials=5,
                           tuning__max_epochs=3, tuning__pruner={"type": "none"},
                           data__max_rows=800, model__max_length=64)
@@ -66,7 +72,7 @@ def test_workers_share_one_study_budget_exact_and_killed_trial_retried(
                      tmp_path / f"worker{i}.log") for i in range(2)]
     try:
         victim = workers[0]
-        killed = _wait_running_trial(storage, victim.pid)
+        killed = _wait_running_trial(storage, victim, tmp_path / "worker0.log")
         time.sleep(1.0)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
