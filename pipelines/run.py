@@ -183,6 +183,8 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
         "maas.data_fingerprint": raw.fingerprint,
         "maas.trigger": trigger,
     }
+    if os.environ.get("MAAS_SCHEDULE_ATTEMPT"):  # set by `maas schedule` on each attempt
+        tags["maas.schedule_attempt"] = os.environ["MAAS_SCHEDULE_ATTEMPT"]
     commit = git_commit()
     if commit:
         tags["maas.git_commit"] = commit

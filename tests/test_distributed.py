@@ -62,8 +62,8 @@ def test_workers_share_one_study_budget_exact_and_killed_trial_retried(
     # separate databases: both keep an alembic_version table
     tracking = pg_factory()
     storage = pg_factory()
-    pipe = write_pipeline(tmp_path, small_checkpoint, name="dist", tuning__n_trials=5,
-                          tuning__max_epochs=3, tuning__pruner={"type": "none"},
+    pipe = write_pipeline(tmp_path, small_checkpoint, name="dist", tuning__n_trials=4,
+                          tuning__max_epochs=2, tuning__pruner={"type": "none"},
                           data__max_rows=800, model__max_length=64)
     env = _env(tracking, BENTOML_HOME=str(tmp_path / "bentoml"))
     coord = _maas(["tune", str(pipe), "--storage", storage, "--no-build"], env, tmp_path,
@@ -87,7 +87,7 @@ def test_workers_share_one_study_budget_exact_and_killed_trial_retried(
     trials = study.get_trials()
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE,
                                                  optuna.trial.TrialState.PRUNED)]
-    assert len(finished) == 5, [(t.number, t.state.name) for t in trials]  # budget met exactly
+    assert len(finished) == 4, [(t.number, t.state.name) for t in trials]  # budget met exactly
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
@@ -118,7 +118,7 @@ def test_workers_share_one_study_budget_exact_and_killed_trial_retried(
 def test_sigkill_mid_tuning_then_same_command_resumes(tmp_path, small_checkpoint):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pipe = write_pipeline(tmp_path, small_checkpoint, name="crash", tuning__n_trials=3,
-                          tuning__max_epochs=3, tuning__pruner={"type": "none"},
+                          tuning__max_epochs=2, tuning__pruner={"type": "none"},
                           data__max_rows=800, model__max_length=64)
     env = _env(tracking, BENTOML_HOME=str(tmp_path / "bentoml"))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
