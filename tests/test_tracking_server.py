@@ -241,6 +241,11 @@ def server(tmp_path_factory) -> Iterator[Server]:
 def auth_server(tmp_path_factory) -> Iterator[Server]:
     """The basic-auth app: own admin password, default_permission NO_PERMISSIONS, auth DB in
     SQLite beside the server; tracking data on a fresh PostgreSQL database."""
+    import importlib.util
+
+    if importlib.util.find_spec("flask_wtf") is None:
+        pytest.fail("the basic-auth app needs Flask-WTF: install the project with "
+                    "'mlflow[auth]' in its dependencies")
     folder = tmp_path_factory.mktemp("mlflow-auth-server")
     config = folder / "basic_auth.ini"
     config.write_text(textwrap.dedent(f"""\
@@ -586,6 +591,7 @@ _REGISTER = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 def test_eight_parallel_registrations_get_versions_1_to_8(server, tmp_path):
     from mlflow import MlflowClient
 
