@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,25 +196,33 @@ def naive_server(checkpoint: Path, log_path: Path):
 
 
 # -- 2 and 3: load -----------------------------------------------------------------------------
-def drive(url: str, texts: list[str], per_request: int, requests: int, levels: list[int],
-          budget_s: float) -> list[dict[str, Any]]:
+def payloads_of(texts: list[str], per_request: int) -> list[list[str]]:
+    return [texts[i:i + per_request] for i in range(0, len(texts) - per_request + 1,
+                                                    per_request)]
+
+
+def warm_up(url: str, payloads: list[list[str]]) -> None:
+    """Not measured; also trains BentoML's batching optimiser."""
     from bentos.loadgen import run_load
 
-    payloads = [texts[i:i + per_request] for i in range(0, len(texts) - per_request + 1,
-                                                        per_request)]
-    rows = []
-    # warm-up (also trains BentoML's batching optimiser): not measured
-    asyncio.run(run_load(f"{url}/classify", payloads, requests=min(40, requests),
-                         concurrency=4, time_budget_s=60))
-    for c in levels:
-        r = asyncio.run(run_load(f"{url}/classify", payloads, requests=requests,
-                                 concurrency=c, time_budget_s=budget_s, request_timeout_s=60))
-        s = r.summary()
-        s["errors"] = (r.requests - r.ok - r.not_sent)
-        rows.append(s)
-        print(f"  c={c:<3} {s['texts_per_s']:8.1f} texts/s  p50 {s['p50_ms']:7.1f} ms  "
-              f"p99 {s['p99_ms']:7.1f} ms  statuses {s['statuses']}", flush=True)
-    return rows
+    asyncio.run(run_load(f"{url}/classify", payloads, requests=60, concurrency=8,
+                         time_budget_s=60))
+
+
+def drive(name: str, url: str, payloads: list[list[str]], requests: int, concurrency: int,
+          budget_s: float) -> dict[str, Any]:
+    from bentos.loadgen import run_load
+
+    r = asyncio.run(run_load(f"{url}/classify", payloads, requests=requests,
+                             concurrency=concurrency, time_budget_s=budget_s,
+                             request_timeout_s=60))
+    s = r.summary()
+    s["errors"] = r.requests - r.ok - r.not_sent
+    s["loadavg"] = os.getloadavg()[0]
+    print(f"  {name:<6} c={concurrency:<3} {s['texts_per_s']:8.1f} texts/s  p50 "
+          f"{s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms  statuses {s['statuses']}",
+          flush=True)
+    return s
 
 
 def metric_sum(url: str, name: str) -> tuple[float, float]:
@@ -267,6 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print("1. in-process limit ...", flush=True)
     _, svc = load_service(built.bento_tag)
     report["in_process"] = in_process(svc, test_texts, args.batch_size)
+    report["in_process"]["torch_threads"] = svc.info["torch_threads"]
     report["in_process"]["batch_1"] = in_process(svc, test_texts, 1, min_s=3.0)
     print(f"  {report['in_process']['texts_per_s']} texts/s at batch {args.batch_size}, "
           f"{report['in_process']['batch_1']['texts_per_s']} at batch 1", flush=True)
@@ -288,18 +298,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{fp32_acc['accuracy']} -> {q_acc['accuracy']}", flush=True)
     del svc, qsvc
 
-    print("2. bentoml serve ...", flush=True)
-    with serve_bento(built.bento_tag, log_path=workdir / "bento-server.log") as srv:
-        report["served"] = drive(srv.url, test_texts, args.texts_per_request, args.requests,
-                                 levels, args.budget_s)
+    print("2./3. bentoml serve and the naive server, levels interleaved ...", flush=True)
+    payloads = payloads_of(test_texts, args.texts_per_request)
+    report["served"], report["naive"] = [], []
+    with contextlib.ExitStack() as stack:
+        srv = stack.enter_context(serve_bento(built.bento_tag,
+                                              log_path=workdir / "bento-server.log"))
+        naive_url = None
+        if not args.skip_naive:
+            ckpt = export_checkpoint(model_uri, workdir / "checkpoint")
+            naive_url = stack.enter_context(naive_server(ckpt, workdir / "naive-server.log"))
+        for url in (srv.url, naive_url):
+            if url:
+                warm_up(url, payloads)
+        for c in levels:
+            report["served"].append(drive("bento", srv.url, payloads, args.requests, c,
+                                          args.budget_s))
+            if naive_url:
+                report["naive"].append(drive("naive", naive_url, payloads, args.requests, c,
+                                             args.budget_s))
         total, count = metric_sum(srv.url, "maas_classify_batch_texts")
         report["served_mean_batch"] = round(total / count, 2) if count else None
-    if not args.skip_naive:
-        print("3. naive per-request server ...", flush=True)
-        ckpt = export_checkpoint(model_uri, workdir / "checkpoint")
-        with naive_server(ckpt, workdir / "naive-server.log") as url:
-            report["naive"] = drive(url, test_texts, args.texts_per_request, args.requests,
-                                    levels, args.budget_s)
     report["wall_s"] = round(time.perf_counter() - t_all, 1)
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["verdict"] = verdict(report)
@@ -335,7 +354,8 @@ def table(report: dict[str, Any]) -> str:
              (f"machine: {m['cpus']} CPUs, torch {m['torch']}, load average at start/end "
               f"{m['loadavg_start'][0]:.1f}/{m['loadavg_end'][0]:.1f}"),
              (f"in-process limit: {report['in_process']['texts_per_s']} texts/s at batch "
-              f"{report['in_process']['batch_size']} "
+              f"{report['in_process']['batch_size']} with "
+              f"{report['in_process']['torch_threads']} torch thread(s) "
               f"({report['in_process']['batch_1']['texts_per_s']} at batch 1)"),
              "", "| server | conc. | texts/s | p50 ms | p99 ms | p99/p50 | statuses | errors |",
              "|---|---|---|---|---|---|---|---|"]
@@ -389,7 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep registry, bento home and logs here")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
-    report = run(args)
+    keep = args.workdir is not None
+    if not keep:
+        args.workdir = tempfile.mkdtemp(prefix="maas-bench-")
+    try:
+        report = run(args)
+    finally:
+        if not keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serving-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"

@@ -75,7 +75,7 @@ class BentoSettings:
     service_name: str | None = None
     #: tokeniser truncation length; None = min(tokenizer.model_max_length, max positions)
     max_tokens: int | None = None
-    #: torch CPU threads per worker; None = available cores // workers
+    #: torch CPU threads per worker; None = cores // workers, less one for the event loop
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:

@@ -89,7 +89,16 @@ def _cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-TORCH_THREADS = int(SETTINGS.get("torch_threads") or max(1, _cpu_cores() // max(1, WORKERS)))
+def _default_torch_threads() -> int:
+    """Cores per worker, less one left to the event loop (HTTP, JSON, batching) when there is
+    more than one core: on a small, busy CPU box, OpenMP regions spanning every core stall
+    whenever one of their threads is descheduled (seen: 7 ms -> 380 ms batch-1 outliers with 2
+    threads on 2 cores, none with 1)."""
+    per_worker = max(1, _cpu_cores() // max(1, WORKERS))
+    return per_worker - 1 if per_worker > 1 else 1
+
+
+TORCH_THREADS = int(SETTINGS.get("torch_threads") or _default_torch_threads())
 
 
 # -- input validation: every message names the limit it enforces ------------------------------
