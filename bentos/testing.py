@@ -42,7 +42,8 @@ def register_classifier(model: Any, tokenizer: Any, name: str, alias: str = "cha
 def load_service(bento_tag: str, **overrides: Any):
     """Instantiate the ``TextClassifier`` of bento ``bento_tag`` in this process (for in-process
     measurements and tests), with ``overrides`` applied to its settings (e.g. ``quantize=True``).
-    Returns ``(module, instance)``; ``instance.predict_texts(texts)`` is one model call."""
+    Returns ``(module, instance)``; ``instance.predict_texts(texts)`` is one model call. On CPU
+    this sets torch's process-wide thread count, as the service does in its worker."""
     import importlib.util
     import json
     import shutil

@@ -242,6 +242,16 @@ def test_health_and_metrics(server):
 
 
 # -- the service in-process: quantised CPU path and GPU path ---------------------------------
+@pytest.fixture
+def _restore_torch_threads():
+    """An in-process service sets torch's global thread count: put it back for later tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _service_instance(built, **settings):
     """The bento's TextClassifier instantiated in this process with changed settings."""
     from bentos.testing import load_service
@@ -250,7 +260,7 @@ def _service_instance(built, **settings):
     return load_service(result.bento_tag, **settings)
 
 
-def test_quantized_service_in_process(store, built):
+def test_quantized_service_in_process(store, built, _restore_torch_threads):
     import torch
 
     _, plain = _service_instance(built)
@@ -268,7 +278,7 @@ def test_quantized_service_in_process(store, built):
 
 
 @pytest.mark.gpu
-def test_gpu_service_uses_half_precision(store, built):
+def test_gpu_service_uses_half_precision(store, built, _restore_torch_threads):
     import torch
 
     if not torch.cuda.is_available():
