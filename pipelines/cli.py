@@ -241,7 +241,7 @@ def models(name: str) -> None:
 @click.argument("ref", metavar="NAME@ALIAS")
 @click.option("--quantize", is_flag=True, help="Dynamic int8 quantisation (CPU deployments).")
 @click.option("--max-batch-size", type=int, default=32, show_default=True)
-@click.option("--max-latency-ms", type=int, default=200, show_default=True)
+@click.option("--max-latency-ms", type=int, default=5000, show_default=True)
 @_errors
 def build(ref: str, quantize: bool, max_batch_size: int, max_latency_ms: int) -> None:
     """Build a bento from a registry alias, e.g. `maas build sst2-sentiment@champion`."""

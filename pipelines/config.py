@@ -149,7 +149,7 @@ class RegistryConfig(_Frozen):
 class BentoConfig(_Frozen):
     enabled: bool = True
     max_batch_size: int = Field(32, ge=1)
-    max_latency_ms: int = Field(200, ge=1)
+    max_latency_ms: int = Field(5000, ge=1)  # BentoML sheds (503) what it predicts would exceed it
     max_texts: int = Field(64, ge=1)
     max_chars: int = Field(2000, ge=1)
     timeout: int = Field(30, ge=1)
