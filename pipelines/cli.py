@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 DEFAULT_PIPELINE = Path(__file__).with_name("sentiment.yaml")
-EXIT_CONFIG, EXIT_DATA, EXIT_REGISTRY = 2, 3, 4
+EXIT_CONFIG, EXIT_DATA, EXIT_REGISTRY, EXIT_BUSY = 2, 3, 4, 5
 
 log = logging.getLogger("maas")
 
@@ -51,7 +51,7 @@ def _errors(fn):
         from pipelines.config import ConfigError
         from pipelines.data import DataError
         from pipelines.families.text_classifier import CheckpointError
-        from pipelines.run import ValidationFailed
+        from pipelines.run import RunInProgress, ValidationFailed
         from validation import SuiteError, UnknownSuiteError
 
         try:
@@ -62,6 +62,9 @@ def _errors(fn):
         except (DataError, ValidationFailed) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_DATA)
+        except RunInProgress as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_BUSY)
         except Exception as exc:
             from registry import RegistryError
 
@@ -100,7 +103,7 @@ def main(verbose: bool) -> None:
     maas rollback NAME            champion back to the previous champion
     maas build NAME@champion      bento from a registry alias
 
-    The MLflow store is MLFLOW_TRACKING_URI, else the pipeline's tracking_uri, else
+    The MLflow store is the pipeline's tracking_uri, else MLFLOW_TRACKING_URI, else
     sqlite:///mlflow.db in the working directory (see it with `mlflow ui`).
     """
     _setup_logging(verbose)

@@ -33,6 +33,10 @@ from pipelines.families import get_family
 log = logging.getLogger(__name__)
 
 
+class RunInProgress(RuntimeError):
+    """The same pipeline on the same data is running right now in another live process."""
+
+
 class ValidationFailed(RuntimeError):
     """The data did not pass the expectation suite; nothing downstream ran."""
 
@@ -172,6 +176,26 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
     config_hash = cfg.config_hash()
     storage_url = storage or cfg.tuning.storage or default_storage(tracking_uri)
     check_storage(storage_url, tracking_uri)
+    from pipelines.tuning import Busy, exclusive
+
+    # a RUNNING run may be live in another process (not killed): never resume that one
+    guard = exclusive(storage_url, f"maas-run:{tracking_uri}:{cfg.name}:{config_hash}:"
+                                   f"{raw.fingerprint}")
+    try:
+        guard.__enter__()
+    except Busy:
+        raise RunInProgress(
+            f"pipeline {cfg.name!r} is already running on this config and data in another "
+            "process; add workers to it with `maas tune --worker`, or wait for it") from None
+    try:
+        return _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id,
+                           config_hash, storage_url, trigger, build, resume, t0)
+    finally:
+        guard.__exit__(None, None, None)
+
+
+def _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id, config_hash,
+                storage_url, trigger, build, resume, t0) -> RunResult:
     run_id = find_unfinished_run(experiment_id, config_hash, raw.fingerprint) if resume else None
     resumed = run_id is not None
     if resumed:
@@ -432,9 +456,19 @@ def join_study(cfg: PipelineConfig, storage: str, run_id: str | None = None,
             raise RuntimeError(f"no running study of pipeline {cfg.name!r} appeared in "
                                f"{wait_s:.0f} s (start `maas tune` without --worker first)")
         time.sleep(2)
+    if run_id:
+        from pipelines.config import ConfigError
+
+        tags = MlflowClient().get_run(run_id).data.tags
+        for key, mine in (("maas.config_hash", cfg.config_hash()),
+                          ("maas.data_fingerprint", raw.fingerprint)):
+            if tags.get(key) != mine:
+                raise ConfigError(f"--run-id {run_id}: its {key} is {tags.get(key)!r} but this "
+                                  f"worker's is {mine!r}: a worker must use the same pipeline "
+                                  "file and data as the run it joins")
     log.info("worker joining study %s (parent run %s)", study_name, rid)
     data = split_data(raw, cfg.data)
-    study = tuning.open_study(cfg, store, study_name)
+    study = tuning.open_study(cfg, store, study_name, worker=True)
     objective = tuning.Objective(cfg, data, checkpoint, rid, experiment_id)
     tuning.run_study(study, objective, cfg.tuning.n_trials, storage, cfg.tuning.timeout_s)
     return study_name

@@ -64,13 +64,19 @@ def make_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
         return optuna.storages.RDBStorage(url, **kwargs)
 
 
-def open_study(cfg: PipelineConfig, storage: optuna.storages.BaseStorage, study_name: str
-               ) -> optuna.Study:
+def open_study(cfg: PipelineConfig, storage: optuna.storages.BaseStorage, study_name: str,
+               worker: bool = False) -> optuna.Study:
+    """Create or load the study. The coordinator's sampler is seeded with ``sampler_seed`` (a
+    single-process run is reproducible); each extra worker gets its own seed, or every worker
+    would draw the same random start-up parameters."""
+    seed = cfg.tuning.sampler_seed
+    if worker:
+        seed = (seed * 1_000_003 + os.getpid() + int(time.time_ns() % 1_000_000)) % (2**32)
     return optuna.create_study(
         study_name=study_name,
         storage=storage,
         direction=cfg.tuning.direction,
-        sampler=optuna.samplers.TPESampler(seed=cfg.tuning.sampler_seed),
+        sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=make_pruner(cfg.tuning.pruner, cfg.tuning.max_epochs),
         load_if_exists=True,
     )
@@ -211,6 +217,48 @@ def budget_lock(storage_url: str, study_name: str) -> Iterator[None]:
         db = Path(storage_url[len("sqlite:///"):])
         with open(db.with_name(db.name + ".lock"), "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    else:
+        yield
+
+
+class Busy(RuntimeError):
+    """Another live process holds the lock."""
+
+
+@contextmanager
+def exclusive(storage_url: str, key: str) -> Iterator[None]:
+    """Hold a non-blocking, process-lifetime lock named ``key`` on the study database (PostgreSQL
+    session advisory lock, or an flock beside the SQLite file); raise :class:`Busy` if another
+    live process holds it. A killed process's lock goes with its connection / file descriptor."""
+    digest = hashlib.sha256(key.encode()).digest()
+    if storage_url.startswith("postgresql"):
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(storage_url, poolclass=sa.pool.NullPool)
+        conn = engine.connect()
+        k = int.from_bytes(digest[:8], "big", signed=True)
+        try:
+            got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": k}).scalar()
+            conn.commit()
+            if not got:
+                raise Busy(key)
+            yield
+        finally:
+            conn.close()
+            engine.dispose()
+    elif storage_url.startswith("sqlite:///"):
+        import fcntl
+
+        db = Path(storage_url[len("sqlite:///"):])
+        with open(db.with_name(f"{db.name}.{digest.hex()[:16]}.lock"), "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Busy(key) from None
             try:
                 yield
             finally:

@@ -25,6 +25,7 @@ tags (all values are strings):
 ``maas.restored_at``                   when a rollback made the version champion again
 ``maas.decision.*``                    the gate's :class:`Decision` (see ``Decision.to_tags``)
 ``maas.promotion_attempt.<ts>-<pid>-<r>``  one JSON record per ``promote`` call on the version
+``maas.superseded_by``                 a concurrent promotion won the alias right after this one
 =====================================  ===========================================================
 
 Design choice for rejected challengers: ``promote(name, version, decision)`` with
@@ -35,6 +36,7 @@ operator calls ``promote(name, version)`` without one to force a promotion.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -56,6 +58,7 @@ CHALLENGER = "challenger"
 
 TAG_PREFIX = "maas."
 TAG_RUN_ID = "maas.run_id"
+TAG_SUPERSEDED_BY = "maas.superseded_by"
 TAG_MODEL_URI = "maas.model_uri"
 TAG_REGISTERED_AT = "maas.registered_at"
 TAG_REGISTRATION = "maas.registration"
@@ -322,6 +325,12 @@ def promote(
     attempt_key = _attempt_key(started)
     record: dict[str, Any] = {"at": _iso(started), "actor": actor,
                               "decision": None if decision is None else decision.promote}
+    with _promotion_lock(name):
+        return _promote_locked(client, name, version, mv, decision, actor, started,
+                               attempt_key, record)
+
+
+def _promote_locked(client, name, version, mv, decision, actor, started, attempt_key, record):
     current = _alias_version(client, name, CHAMPION)
 
     if decision is not None and not decision.promote:
@@ -353,15 +362,72 @@ def promote(
         raise
 
     actual = _alias_version(client, name, CHAMPION)
+    if actual == version and not _SERIALISED.get(mlflow.get_tracking_uri(), False):
+        # a tracking server offers no lock or compare-and-set on aliases: give a racing call
+        # time to land its write, then look again (the last writer wins the alias)
+        import time
+
+        time.sleep(SETTLE_S)
+        actual = _alias_version(client, name, CHAMPION)
     outcome = "promoted" if actual == version else "superseded"
     client.set_model_version_tag(name, version, attempt_key, _json(
         {**record, "outcome": outcome, "champion": actual, "previous": current}))
     if outcome == "promoted":
         logger.info("%s: %s %s -> %s (by %s)", name, CHAMPION, current, version, actor)
     else:
+        _try_set_tag(client, name, version, TAG_SUPERSEDED_BY, str(actual))
         logger.warning("%s: promoted version %s but %s is now %s (concurrent promotion)",
                        name, version, CHAMPION, actual)
     return actual
+
+
+
+#: seconds a promotion through a tracking server waits before reading the alias back
+SETTLE_S = 1.0
+_SERIALISED: dict[str, bool] = {}
+
+
+@contextlib.contextmanager
+def _promotion_lock(name: str):
+    """Serialise promotions of one model: an flock beside a SQLite store, a PostgreSQL advisory
+    lock on a direct SQL store. A tracking server (http) has neither: :func:`promote` then reads
+    the alias back after :data:`SETTLE_S` and records a lost race as ``superseded``."""
+    import hashlib
+
+    uri = mlflow.get_tracking_uri()
+    key = hashlib.sha256(f"maas.promote:{name}".encode()).digest()
+    if uri.startswith("sqlite:///"):
+        import fcntl
+        from pathlib import Path
+
+        db = Path(uri[len("sqlite:///"):])
+        with open(db.with_name(f"{db.name}.promote-{key.hex()[:12]}.lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            _SERIALISED[uri] = True
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    elif uri.startswith("postgresql"):
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(uri, poolclass=sa.pool.NullPool)
+        k = int.from_bytes(key[:8], "big", signed=True)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": k})
+                conn.commit()
+                _SERIALISED[uri] = True
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": k})
+                    conn.commit()
+        finally:
+            engine.dispose()
+    else:
+        _SERIALISED[uri] = False
+        yield
 
 
 def rollback(name: str) -> str:

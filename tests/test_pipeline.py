@@ -171,3 +171,39 @@ def test_validation_failure_names_expectation_and_logs_report(mlflow_store, tmp_
     assert not client.search_runs([run.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert registered_versions() == []
+
+
+def test_second_identical_run_while_first_is_live_is_refused(mlflow_store, tmp_path,
+                                                             tiny_checkpoint):
+    """A RUNNING parent run that belongs to a live process is not 'resumed' by a second
+    command: the second one exits 5 and the first finishes normally with one version."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    pipe = write_pipeline(tmp_path, tiny_checkpoint, tuning__n_trials=2, tuning__max_epochs=2)
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(pipe), "--no-build"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ.copy(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            exp = client.get_experiment_by_name("tiny")
+            if exp and client.search_runs([exp.experiment_id],
+                                          "tags.`maas.role` = 'pipeline' and "
+                                          "attributes.status = 'RUNNING'"):
+                break
+            time.sleep(0.3)
+        assert first.poll() is None, "first run finished before the second could start"
+        second = subprocess.run(cmd, cwd=tmp_path, env=os.environ.copy(), capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 5, second.stdout + second.stderr
+        assert "already running" in second.stderr
+        out, _ = first.communicate(timeout=300)
+        assert first.returncode == 0, out[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert len(registered_versions()) == 1
