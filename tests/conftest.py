@@ -3,6 +3,7 @@ an isolated BentoML home, and pipeline files written on the fly from the repo's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -51,6 +52,27 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
+
+
+@contextlib.contextmanager
+def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: str):
+    """A fresh MLflow SQLite store + BentoML home (cwd and env pointed at them) with the tiny
+    classifier registered as ``model_name@champion``; yields {root, uri, home, version}."""
+    import mlflow
+
+    from bentos.testing import load_classifier, register_classifier
+
+    root = tmp_path_factory.mktemp(prefix)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("BENTOML_HOME", str(root / "bentoml"))
+        mp.setenv("BENTOML_DO_NOT_TRACK", "True")
+        mlflow.set_tracking_uri(uri)
+        model, tok = load_classifier(checkpoint)
+        version = register_classifier(model, tok, model_name)
+        yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
 
 
 def write_pipeline(folder: Path, checkpoint: Path, **overrides) -> Path:

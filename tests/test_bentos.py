@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import tiny_registry
+
 from bentos import BentoSettings, build_bento, parse_model_uri, sanitize_name
 from bentos.build import LABEL_DEPLOYMENT, LABEL_NAME, LABEL_VERSION, bentoml_store_scope
 
@@ -26,21 +28,9 @@ SETTINGS = BentoSettings(max_batch_size=16, max_latency_ms=5000, max_texts=8, ma
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_checkpoint):
     """A fresh MLflow SQLite store and BentoML home with the tiny model registered @champion."""
-    import mlflow
+    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "bentos-store") as store:
+        yield store
 
-    from bentos.testing import load_classifier, register_classifier
-
-    root = tmp_path_factory.mktemp("bentos-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("BENTOML_HOME", str(root / "bentoml"))
-        mp.setenv("BENTOML_DO_NOT_TRACK", "True")
-        mlflow.set_tracking_uri(uri)
-        model, tok = load_classifier(tiny_checkpoint)
-        version = register_classifier(model, tok, MODEL_NAME)
-        yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import tiny_registry
 from mlflow.exceptions import MlflowException
 
 MODEL_NAME = "tiny-plugin"
@@ -17,21 +19,10 @@ URI = f"models:/{MODEL_NAME}@champion"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_checkpoint):
-    import mlflow
+    """A fresh MLflow SQLite store and BentoML home with the tiny model registered @champion."""
+    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "plugin-store") as store:
+        yield store
 
-    from bentos.testing import load_classifier, register_classifier
-
-    root = tmp_path_factory.mktemp("plugin-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("BENTOML_HOME", str(root / "bentoml"))
-        mp.setenv("BENTOML_DO_NOT_TRACK", "True")
-        mlflow.set_tracking_uri(uri)
-        model, tok = load_classifier(tiny_checkpoint)
-        version = register_classifier(model, tok, MODEL_NAME)
-        yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.conftest import tiny_registry
+
 from bentos import BentoSettings, build_bento
 from bentos.loadgen import load
 
@@ -26,21 +28,10 @@ def _texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_checkpoint):
-    import mlflow
+    """A fresh MLflow SQLite store and BentoML home with the tiny model registered @champion."""
+    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "load-store") as store:
+        yield store
 
-    from bentos.testing import load_classifier, register_classifier
-
-    root = tmp_path_factory.mktemp("load-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("BENTOML_HOME", str(root / "bentoml"))
-        mp.setenv("BENTOML_DO_NOT_TRACK", "True")
-        mlflow.set_tracking_uri(uri)
-        model, tok = load_classifier(tiny_checkpoint)
-        register_classifier(model, tok, MODEL_NAME)
-        yield {"root": root, "uri": uri, "home": root / "bentoml"}
 
 
 def _serve(store, settings: BentoSettings, log_name: str):
