@@ -141,7 +141,9 @@ def main() -> None:
     print(f"overhead: {overhead:+.1%} (target <= +10%)")
     print("maas steps (s): " + ", ".join(f"{k}={v:.1f}" for k, v in sorted(m["steps"].items())))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline_overhead.json").write_text(json.dumps(result, indent=2))
+    out = RESULTS / f"pipeline_overhead-{args.rows}rows-{args.epochs}epochs.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"results: {out.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
