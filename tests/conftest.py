@@ -49,6 +49,7 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("tests")  # not an experiment id left active by an earlier test
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
@@ -70,6 +71,7 @@ def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: s
         mp.setenv("BENTOML_HOME", str(root / "bentoml"))
         mp.setenv("BENTOML_DO_NOT_TRACK", "True")
         mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("tests")  # not an experiment id left active by an earlier test
         model, tok = load_classifier(checkpoint)
         version = register_classifier(model, tok, model_name)
         yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
