@@ -148,7 +148,8 @@ def run_study_with_workers(pipe: Path, n_workers: int, storage: str, tracking: s
             with open(logs / f"{cfg.name}-worker{i}.log", "w") as log:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "pipelines.cli", "tune", str(pipe), "--storage",
-                     storage, "--worker", "--run-id", run_id, "--wait", "120"],
+                     storage, "--worker", "--run-id", run_id, "--wait", "120",
+                     "--seed", str(cfg.tuning.sampler_seed + i)],
                     env=env, stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait(timeout=3600) for p in procs]
     finally:

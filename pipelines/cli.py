@@ -164,10 +164,13 @@ def _summary(r) -> str:
                                "unfinished run of this pipeline on the same data).")
 @click.option("--wait", "wait_s", default=600.0, show_default=True,
               help="Worker: seconds to wait for the coordinator's study to appear.")
+@click.option("--seed", type=int, default=None,
+              help="Worker: its TPE sampler seed (default: derived from the pid and clock, so "
+                   "workers explore different parameters; give distinct seeds to reproduce).")
 @click.option("--no-build", is_flag=True, help="Skip packaging the champion as a bento.")
 @_errors
 def tune(pipeline: Path, storage: str, worker: bool, run_id: str | None, wait_s: float,
-         no_build: bool) -> None:
+         seed: int | None, no_build: bool) -> None:
     """Distributed tuning: many processes/machines share one Optuna study in an RDB storage.
 
     \b
@@ -181,7 +184,7 @@ def tune(pipeline: Path, storage: str, worker: bool, run_id: str | None, wait_s:
 
     cfg = PipelineConfig.load(pipeline)
     if worker:
-        name = join_study(cfg, storage, run_id=run_id, wait_s=wait_s)
+        name = join_study(cfg, storage, run_id=run_id, wait_s=wait_s, seed=seed)
         click.echo(f"worker done: study {name} has its {cfg.tuning.n_trials} trials")
         return
     result = run_pipeline(cfg, storage=storage, build=not no_build)

@@ -428,7 +428,7 @@ def _package(cfg: PipelineConfig):
 
 
 def join_study(cfg: PipelineConfig, storage: str, run_id: str | None = None,
-               wait_s: float = 600.0) -> str:
+               wait_s: float = 600.0, seed: int | None = None) -> str:
     """Worker mode: add this process's trials to the study of a running pipeline run.
 
     The parent run is ``run_id`` or the newest RUNNING run of this pipeline with the same config
@@ -468,7 +468,7 @@ def join_study(cfg: PipelineConfig, storage: str, run_id: str | None = None,
                                   "file and data as the run it joins")
     log.info("worker joining study %s (parent run %s)", study_name, rid)
     data = split_data(raw, cfg.data)
-    study = tuning.open_study(cfg, store, study_name, worker=True)
+    study = tuning.open_study(cfg, store, study_name, worker=True, seed=seed)
     objective = tuning.Objective(cfg, data, checkpoint, rid, experiment_id)
     tuning.run_study(study, objective, cfg.tuning.n_trials, storage, cfg.tuning.timeout_s)
     return study_name

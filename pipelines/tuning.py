@@ -65,13 +65,15 @@ def make_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
 
 
 def open_study(cfg: PipelineConfig, storage: optuna.storages.BaseStorage, study_name: str,
-               worker: bool = False) -> optuna.Study:
+               worker: bool = False, seed: int | None = None) -> optuna.Study:
     """Create or load the study. The coordinator's sampler is seeded with ``sampler_seed`` (a
-    single-process run is reproducible); each extra worker gets its own seed, or every worker
-    would draw the same random start-up parameters."""
-    seed = cfg.tuning.sampler_seed
-    if worker:
-        seed = (seed * 1_000_003 + os.getpid() + int(time.time_ns() % 1_000_000)) % (2**32)
+    single-process run is reproducible); each extra worker gets ``seed`` or, without one, a seed
+    of its own: with one shared seed every worker would draw the same parameters in lock-step."""
+    if not worker:
+        seed = cfg.tuning.sampler_seed
+    elif seed is None:  # an extra worker without an explicit seed: its own
+        base = cfg.tuning.sampler_seed or 0
+        seed = (base * 1_000_003 + os.getpid() + time.time_ns() % 1_000_000) % (2**32)
     return optuna.create_study(
         study_name=study_name,
         storage=storage,
