@@ -113,7 +113,7 @@ class Objective:
     experiment_id: str
 
     def __call__(self, trial: optuna.Trial) -> float:
-        cfg, data = self.cfg, self.data
+        cfg = self.cfg
         family = get_family(cfg.model.family)
         params = suggest(trial, cfg)
         _close_failed_attempt(trial)
@@ -194,71 +194,40 @@ class Objective:
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-@contextmanager
-def budget_lock(storage_url: str, study_name: str) -> Iterator[None]:
-    """Serialise "is there budget left? then claim a trial" between workers of one study.
-
-    PostgreSQL: a session advisory lock keyed by the study name; SQLite: an flock on a file beside
-    the database (SQLite studies are single-machine). Other backends: no lock (best effort).
-    """
-    key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-    if storage_url.startswith("postgresql"):
-        import sqlalchemy as sa
-
-        engine = _lock_engine(storage_url)
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
-    elif storage_url.startswith("sqlite:///"):
-        import fcntl
-
-        db = Path(storage_url[len("sqlite:///"):])
-        with open(db.with_name(db.name + ".lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-    else:
-        yield
-
-
 class Busy(RuntimeError):
     """Another live process holds the lock."""
 
 
 @contextmanager
-def exclusive(storage_url: str, key: str) -> Iterator[None]:
-    """Hold a non-blocking, process-lifetime lock named ``key`` on the study database (PostgreSQL
-    session advisory lock, or an flock beside the SQLite file); raise :class:`Busy` if another
-    live process holds it. A killed process's lock goes with its connection / file descriptor."""
+def _db_lock(url: str, key: str, *, wait: bool) -> Iterator[None]:
+    """A lock named ``key`` that lives with the study database: a PostgreSQL session advisory lock
+    (on its own connection), or an flock on a file beside a SQLite database; other backends get no
+    lock. ``wait=False`` raises :class:`Busy` instead of waiting. A dead process's lock goes with
+    its connection / file descriptor."""
     digest = hashlib.sha256(key.encode()).digest()
-    if storage_url.startswith("postgresql"):
+    if url.startswith("postgresql"):
         import sqlalchemy as sa
 
-        engine = sa.create_engine(storage_url, poolclass=sa.pool.NullPool)
-        conn = engine.connect()
         k = int.from_bytes(digest[:8], "big", signed=True)
-        try:
-            got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": k}).scalar()
-            conn.commit()
-            if not got:
+        with _lock_engine(url).connect() as conn:
+            if wait:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": k})
+            elif not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": k}).scalar():
+                conn.commit()
                 raise Busy(key)
-            yield
-        finally:
-            conn.close()
-            engine.dispose()
-    elif storage_url.startswith("sqlite:///"):
+            conn.commit()  # the lock is the session's: don't sit idle in a transaction
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": k})
+                conn.commit()
+    elif url.startswith("sqlite:///"):
         import fcntl
 
-        db = Path(storage_url[len("sqlite:///"):])
+        db = Path(url[len("sqlite:///"):])
         with open(db.with_name(f"{db.name}.{digest.hex()[:16]}.lock"), "a") as fh:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise Busy(key) from None
             try:
@@ -269,11 +238,23 @@ def exclusive(storage_url: str, key: str) -> Iterator[None]:
         yield
 
 
+def budget_lock(storage_url: str, study_name: str):
+    """Serialise "is there budget left? then claim a trial" between the workers of one study (and
+    first-contact schema creation, keyed by a constant name)."""
+    return _db_lock(storage_url, f"maas-budget:{study_name}", wait=True)
+
+
+def exclusive(storage_url: str, key: str):
+    """Hold ``key`` for as long as the block runs; :class:`Busy` if a live process holds it."""
+    return _db_lock(storage_url, key, wait=False)
+
+
 @lru_cache(maxsize=4)
 def _lock_engine(url: str):
     import sqlalchemy as sa
 
-    return sa.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+    # a run holds one connection for its whole life (exclusive) and takes short ones (budget_lock)
+    return sa.create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True)
 
 
 def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_url: str,
