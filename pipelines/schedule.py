@@ -177,10 +177,11 @@ def tracking_uri_of(cfg: Any | None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    mlruns = Path("mlruns")
-    if mlruns.is_dir() and any(mlruns.iterdir()):  # MLflow keeps using an existing file store
-        return str(mlruns.resolve())
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    # MLflow's own resolution (sqlite:///mlflow.db, or a legacy ./mlruns file store that holds
+    # runs; artifacts of the SQLite default also live in ./mlruns, which MLflow tells apart)
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 _DB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mssql", "oracle")
