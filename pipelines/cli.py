@@ -125,9 +125,16 @@ def run(pipeline: Path | None, overrides: tuple[str, ...], no_build: bool, stora
     from pipelines.config import PipelineConfig
     from pipelines.run import run_pipeline
 
+    from pipelines.schedule import PipelineBusy, manual_run_lock
+
     cfg = PipelineConfig.load(pipeline or DEFAULT_PIPELINE, _parse_overrides(overrides))
-    result = run_pipeline(cfg, trigger=trigger, storage=storage, build=not no_build,
-                          resume=not no_resume)
+    try:
+        with manual_run_lock(cfg):
+            result = run_pipeline(cfg, trigger=trigger, storage=storage, build=not no_build,
+                                  resume=not no_resume)
+    except PipelineBusy as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_BUSY)
     click.echo(_summary(result))
 
 

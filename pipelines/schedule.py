@@ -33,6 +33,7 @@ exportable to Kubernetes). The time zone is ``--timezone`` (default UTC).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -302,6 +303,31 @@ class Store:
         db = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
         folder = (Path(db).resolve().parent if db and db != ":memory:" else Path.cwd())
         return _FileLock(folder / ".maas-locks" / f"schedule-{_safe(pipeline)}.lock")
+
+
+@contextlib.contextmanager
+def manual_run_lock(cfg: Any):
+    """Hold the per-pipeline lock the scheduler takes, for a run started by hand: a manual run
+    and a scheduled run of the same pipeline never overlap. A run started *by* the scheduler
+    (``MAAS_SCHEDULE_PIPELINE`` set) already runs under its lock; a tracking store that is not a
+    database (an MLflow server) has no lock to take. Raises :class:`PipelineBusy`."""
+    url = store_url(tracking_uri_of(cfg))
+    if os.environ.get("MAAS_SCHEDULE_PIPELINE") or url is None:
+        yield
+        return
+    lock = Store(url).lock(cfg.name)
+    if not lock.acquire():
+        raise PipelineBusy(f"pipeline {cfg.name!r} is already running ({lock.holder()}): a run "
+                           "started by hand never overlaps another run of the same pipeline, "
+                           "scheduled or manual; try again when it has finished")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class PipelineBusy(RuntimeError):
+    """Another run of the pipeline (scheduled or manual) holds its lock."""
 
 
 def _safe(name: str) -> str:
