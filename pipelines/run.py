@@ -16,6 +16,7 @@ import os
 import subprocess
 import tempfile
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,18 +75,21 @@ class RunResult:
 
 def configure_tracking(cfg: PipelineConfig) -> str:
     """The pipeline's tracking URI wins; else MLFLOW_TRACKING_URI; else MLflow's default
-    (``sqlite:///mlflow.db`` in the working directory).
-
-    A database store's schema is created (or migrated) on first contact, under a lock: workers
-    starting together on an empty database would otherwise race on it."""
-    from pipelines.tuning import budget_lock
-
+    (``sqlite:///mlflow.db`` in the working directory)."""
     if cfg.tracking_uri:
         mlflow.set_tracking_uri(cfg.tracking_uri)
-    uri = mlflow.get_tracking_uri()
+    return mlflow.get_tracking_uri()
+
+
+def open_experiment(cfg: PipelineConfig) -> tuple[str, str]:
+    """(tracking URI, experiment id of the experiment named after the pipeline). The first contact
+    creates a database store's schema, under a lock: processes starting together on an empty
+    database would otherwise race on it."""
+    from pipelines.tuning import budget_lock
+
+    uri = configure_tracking(cfg)
     with budget_lock(uri, "maas-mlflow-schema"):
-        MlflowClient().search_experiments(max_results=1)
-    return uri
+        return uri, mlflow.set_experiment(cfg.name).experiment_id
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -113,20 +117,15 @@ def check_storage(storage_url: str, tracking_uri: str) -> None:
     """Optuna and MLflow must not share one database: both keep an alembic ``alembic_version``
     table, and each one's migrations fail on the other's revision."""
     from pipelines.config import ConfigError
+    from pipelines.tuning import safe_url
 
     def norm(url: str) -> str:
         return url.strip().rstrip("/").replace("postgresql+psycopg2://", "postgresql://")
 
     if norm(storage_url) == norm(tracking_uri):
-        raise ConfigError(f"tuning.storage: {tuning_safe(storage_url)} is also the MLflow tracking "
+        raise ConfigError(f"tuning.storage: {safe_url(storage_url)} is also the MLflow tracking "
                           "store; give Optuna its own database (both use an alembic_version "
                           "table), e.g. .../optuna next to .../mlflow")
-
-
-def tuning_safe(url: str) -> str:
-    import re
-
-    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url)
 
 
 def check_suite(suite: str) -> None:
@@ -171,27 +170,24 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
     checkpoint = family.resolve_checkpoint(cfg.model.checkpoint)  # fail before any work
     check_suite(cfg.validation.suite)
     raw = load_data(cfg.data)
-    tracking_uri = configure_tracking(cfg)
-    experiment_id = mlflow.set_experiment(cfg.name).experiment_id
+    tracking_uri, experiment_id = open_experiment(cfg)
     config_hash = cfg.config_hash()
     storage_url = storage or cfg.tuning.storage or default_storage(tracking_uri)
     check_storage(storage_url, tracking_uri)
     from pipelines.tuning import Busy, exclusive
 
     # a RUNNING run may be live in another process (not killed): never resume that one
-    guard = exclusive(storage_url, f"maas-run:{tracking_uri}:{cfg.name}:{config_hash}:"
-                                   f"{raw.fingerprint}")
+    guard = contextlib.ExitStack()
     try:
-        guard.__enter__()
+        guard.enter_context(exclusive(
+            storage_url, f"maas-run:{tracking_uri}:{cfg.name}:{config_hash}:{raw.fingerprint}"))
     except Busy:
         raise RunInProgress(
             f"pipeline {cfg.name!r} is already running on this config and data in another "
             "process; add workers to it with `maas tune --worker`, or wait for it") from None
-    try:
+    with guard:
         return _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id,
                            config_hash, storage_url, trigger, build, resume, t0)
-    finally:
-        guard.__exit__(None, None, None)
 
 
 def _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id, config_hash,
@@ -441,9 +437,8 @@ def join_study(cfg: PipelineConfig, storage: str, run_id: str | None = None,
     family = get_family(cfg.model.family)
     checkpoint = family.resolve_checkpoint(cfg.model.checkpoint)
     raw = load_data(cfg.data)
-    configure_tracking(cfg)
-    experiment_id = mlflow.set_experiment(cfg.name).experiment_id
-    check_storage(storage, mlflow.get_tracking_uri())
+    tracking_uri, experiment_id = open_experiment(cfg)
+    check_storage(storage, tracking_uri)
     deadline = time.monotonic() + wait_s
     store = tuning.make_storage(storage, heartbeat_interval=_heartbeat(storage))
     while True:

@@ -362,7 +362,7 @@ def _promote_locked(client, name, version, mv, decision, actor, started, attempt
         raise
 
     actual = _alias_version(client, name, CHAMPION)
-    if actual == version and not _SERIALISED.get(mlflow.get_tracking_uri(), False):
+    if actual == version and not _lockable(mlflow.get_tracking_uri()):
         # a tracking server offers no lock or compare-and-set on aliases: give a racing call
         # time to land its write, then look again (the last writer wins the alias)
         import time
@@ -384,7 +384,11 @@ def _promote_locked(client, name, version, mv, decision, actor, started, attempt
 
 #: seconds a promotion through a tracking server waits before reading the alias back
 SETTLE_S = 1.0
-_SERIALISED: dict[str, bool] = {}
+
+
+def _lockable(uri: str) -> bool:
+    """Stores on which :func:`_promotion_lock` really serialises promotions."""
+    return uri.startswith(("sqlite:///", "postgresql"))
 
 
 @contextlib.contextmanager
@@ -403,7 +407,6 @@ def _promotion_lock(name: str):
         db = Path(uri[len("sqlite:///"):])
         with open(db.with_name(f"{db.name}.promote-{key.hex()[:12]}.lock"), "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            _SERIALISED[uri] = True
             try:
                 yield
             finally:
@@ -417,7 +420,6 @@ def _promotion_lock(name: str):
             with engine.connect() as conn:
                 conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": k})
                 conn.commit()
-                _SERIALISED[uri] = True
                 try:
                     yield
                 finally:
@@ -426,7 +428,6 @@ def _promotion_lock(name: str):
         finally:
             engine.dispose()
     else:
-        _SERIALISED[uri] = False
         yield
 
 

@@ -122,18 +122,17 @@ def _pg_available() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def pg_database():
-    """A fresh PostgreSQL database for this test session (created, then dropped); yields its URL.
-
-    Needs the machine's PostgreSQL on 127.0.0.1:5432 (.ci/run starts it when it is down)."""
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "maas_test"):
+    """A new database on the machine's PostgreSQL (127.0.0.1:5432; .ci/run starts it when it is
+    down), dropped with FORCE afterwards; yields its URL."""
     import uuid
 
     import sqlalchemy as sa
 
     if not _pg_available():
         pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (start it: see .ci/run)")
-    name = f"maas_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
@@ -145,31 +144,35 @@ def pg_database():
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh PostgreSQL database for this test session (created, then dropped)."""
+    with fresh_pg_database("maas_test") as url:
+        yield url
+
+
 @pytest.fixture
 def pg_factory(pg_database):
     """Fresh databases on the session's server, one per call, all dropped afterwards.
 
     MLflow and Optuna each keep an alembic ``alembic_version`` table: give them separate
     databases."""
-    import uuid
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(fresh_pg_database("maas_t"))
 
-    import sqlalchemy as sa
 
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    names: list[str] = []
-
-    def make() -> str:
-        name = f"maas_t_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        names.append(name)
-        return f"postgresql://postgres@127.0.0.1:5432/{name}"
-
-    yield make
-    with admin.connect() as conn:
-        for name in names:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+def communicate_all(procs: list, timeout: float) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) of each process (text pipes); leftovers are killed."""
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
 
 
 @pytest.fixture

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import communicate_all, fresh_pg_database
+
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 3
 
@@ -79,16 +81,7 @@ def _race(name: str, versions: list[str], env: dict, cwd: Path) -> list[tuple[in
                               cwd=cwd, env={**env, "USER": f"racer-{v}"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for v in versions]
-    out = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=180)
-            out.append((p.returncode, stdout, stderr))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return out
+    return communicate_all(procs, timeout=180)
 
 
 def _attempts(client, name: str, version: str) -> list[dict]:
@@ -165,10 +158,10 @@ def test_concurrent_cli_promotions_sqlite(mlflow_store, tmp_path):
 def test_concurrent_cli_promotions_postgres_server(tmp_path, tmp_path_factory):
     import mlflow
 
-    from tests.test_tracking_server import client_env, fresh_pg_db, mlflow_server, tracking_to
+    from tests.test_tracking_server import client_env, mlflow_server, tracking_to
 
     folder = tmp_path_factory.mktemp("promote-server")
-    with fresh_pg_db() as backend, mlflow_server(folder, backend) as srv:
+    with fresh_pg_database("maas_srv") as backend, mlflow_server(folder, backend) as srv:
         with tracking_to(srv.url):
             _run_rounds("race-pg", client_env(srv), tmp_path)
         assert mlflow.get_tracking_uri() != srv.url

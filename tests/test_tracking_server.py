@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PG_ADMIN, write_pipeline
+from tests.conftest import communicate_all, fresh_pg_database, write_pipeline
 
 pytestmark = [pytest.mark.postgres]
 
@@ -47,28 +47,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def fresh_pg_db(prefix: str = "maas_srv") -> Iterator[str]:
-    """A new database in the machine's PostgreSQL, dropped (FORCE) afterwards."""
-    import sqlalchemy as sa
-
-    try:
-        admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({exc!r}); see .ci/run")
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 class Server:
@@ -234,7 +212,7 @@ def log_echo_model(experiment: str) -> tuple[str, str]:
 def server(tmp_path_factory) -> Iterator[Server]:
     """A plain (no auth) tracking server on a fresh PostgreSQL database, proxied artifacts."""
     folder = tmp_path_factory.mktemp("mlflow-server")
-    with fresh_pg_db() as backend, mlflow_server(folder, backend) as srv:
+    with fresh_pg_database("maas_srv") as backend, mlflow_server(folder, backend) as srv:
         yield srv
 
 
@@ -257,7 +235,8 @@ def auth_server(tmp_path_factory) -> Iterator[Server]:
         admin_password = {ADMIN_PASSWORD}
         authorization_function = mlflow.server.auth:authenticate_request_basic_auth
         """))
-    with fresh_pg_db() as backend, mlflow_server(folder, backend, auth_config=config) as srv:
+    with (fresh_pg_database("maas_srv") as backend,
+          mlflow_server(folder, backend, auth_config=config) as srv):
         yield srv
 
 
@@ -625,15 +604,7 @@ def test_eight_parallel_registrations_get_versions_1_to_8(server, tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), model_uri, name, rid, str(start_at)],
                               env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rid in run_ids]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=240)
-            outs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = communicate_all(procs, timeout=240)
     failed = [(rc, err[-2000:]) for rc, _, err in outs if rc != 0]
     assert not failed, f"{len(failed)} of 8 registrations failed: {failed[:2]}"
     late = [o for o in outs if float(o[1].split()[2]) > 60]
