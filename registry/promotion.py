@@ -260,8 +260,22 @@ def _finish_registration(client, mv: ModelVersion, description: str | None) -> N
         raise RegistryError(f"model {name!r} version {version} is {status}, not READY")
     if description:
         client.update_model_version(name, version, description=description)
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    _set_alias(client, name, CHALLENGER, version)
     client.set_model_version_tag(name, version, TAG_REGISTRATION, "complete")
+
+
+def _set_alias(client, name: str, alias: str, version: str, attempts: int = 3) -> None:
+    """``set_registered_model_alias``, retried: the SQL store upserts the alias as read-then-insert,
+    so two registrations racing to create an alias that does not exist yet make one of them fail
+    with a unique-key violation (seen with 8 parallel registrations against a PostgreSQL-backed
+    server); on retry the alias exists and is updated. Last writer wins, as for any alias move."""
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or "unique" not in str(exc).lower():
+                raise
 
 
 def _undo_registration(client, name: str, mv: ModelVersion | None, reg_id: str) -> None:
