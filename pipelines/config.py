@@ -158,6 +158,47 @@ class BentoConfig(_Frozen):
     quantize: bool = False
 
 
+#: the compression variants a pipeline may ask for (``fp32``, the reference, is always made)
+VARIANTS = ("fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8")
+Variant = Literal["fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8"]
+
+
+class Int8Config(_Frozen):
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic", description="ORT dynamic quantisation, or static (QDQ) calibrated on train rows")
+    per_channel: bool = True
+    calibration_rows: int = Field(128, ge=8, description="train rows for static calibration")
+
+
+class PruningConfig(_Frozen):
+    amount: float = Field(0.5, gt=0, lt=1, description="share of prunable structure removed")
+    recovery_epochs: int = Field(1, ge=0, description="fine-tune epochs after pruning")
+
+
+class CompressionConfig(_Frozen):
+    enabled: bool = True
+    variants: list[Variant] = Field(
+        default_factory=lambda: ["onnx", "onnx-int8", "pruned", "pruned+onnx-int8"],
+        description="variants made after tuning; fp32 (the reference) always is")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, lt=1, description="largest drop of promotion.metric vs fp32 a served "
+                                      "variant may have")
+    int8: Int8Config = Int8Config()
+    pruning: PruningConfig = PruningConfig()
+    threads: int | None = Field(None, ge=1, description="threads for speed figures; None = all "
+                                                        "cores")
+    speed_rounds: int = Field(3, ge=1, description="interleaved timing rounds per variant")
+    latency_samples: int = Field(50, ge=5, description="batch-1 calls for the p50 latency")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dupes = sorted({x for x in v if v.count(x) > 1})
+        if dupes:
+            raise ValueError(f"variants listed twice: {dupes}")
+        return v
+
+
 class PipelineConfig(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -171,6 +212,7 @@ class PipelineConfig(_Frozen):
     promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig
     bento: BentoConfig = BentoConfig()
+    compression: CompressionConfig = CompressionConfig()
     source_file: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")

@@ -62,6 +62,8 @@ class RunResult:
     test_metrics: dict[str, float] = field(default_factory=dict)
     model_name: str = ""
     model_version: str | None = None
+    variant: str | None = None
+    variant_speedup: float | None = None
     promoted: bool = False
     decision_reason: str = ""
     champion_version: str | None = None
@@ -236,9 +238,15 @@ def _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id, confi
         with step("evaluate"):
             model, tokenizer, ev = _evaluate_best(cfg, data, family, best)
         result.test_metrics = {k: ev.metrics[k] for k in ("accuracy", "f1_macro")}
+        variants = None
+        if cfg.compression.enabled:
+            with step("compress"):
+                variants = _compress(cfg, data, family, model, tokenizer)
+            result.variant, result.variant_speedup = (variants.choice.chosen,
+                                                      variants.choice.speedup)
         with step("register"):
             version = _register(cfg, data, family, model, tokenizer, ev, report, study, best,
-                                run.info.run_id, config_hash, commit)
+                                run.info.run_id, config_hash, commit, variants)
         result.model_version = version
         with step("promote"):
             decision = _gate(cfg, data, family, version, ev)
@@ -359,11 +367,33 @@ def _score(cfg: PipelineConfig, data: Dataset, family, model, tokenizer, desc: s
                                 list(data.id2label.values()))
 
 
+def _compress(cfg: PipelineConfig, data: Dataset, family, model, tokenizer):
+    """Compression variants of the best model (child runs), and the one the gate picks."""
+    from pipelines import compression
+
+    labels = family.labels_of(model)
+    names = list(data.id2label.values())
+    truth = data.names(data.test)
+
+    def evaluate(probs):
+        return evaluate_predictions(truth, probs, labels, names).metrics
+
+    outcome = compression.compress(cfg, data, model, tokenizer, family, labels, evaluate)
+    log.info("variant chosen: %s", outcome.choice.reason)
+    return outcome
+
+
 def _register(cfg, data, family, model, tokenizer, ev, report, study, best, run_id,
-              config_hash, commit) -> str:
+              config_hash, commit, variants=None) -> str:
+    from pipelines import compression
     from registry import register
 
     info = family.log_model(model, tokenizer, "model", data.test.text.tolist()[:3])
+    variant_tags = {}
+    if variants is not None:  # the version carries its variants; fp32 is the version's model
+        variants.variants[compression.REFERENCE].model_uri = info.model_uri
+        compression.record(variants)
+        variant_tags = compression.version_tags(variants)
     tags = {
         "maas.pipeline": cfg.name,
         "maas.data_fingerprint": data.fingerprint,
@@ -378,6 +408,7 @@ def _register(cfg, data, family, model, tokenizer, ev, report, study, best, run_
     }
     if commit:
         tags["maas.git_commit"] = commit
+    tags.update(variant_tags)
     mv = register(info.model_uri, cfg.registry.model_name, run_id=run_id, tags=tags,
                   description=f"{cfg.name}: best of study {study.study_name} "
                               f"(trial {best.number})")

@@ -1,8 +1,10 @@
 """Model registry on MLflow 3 aliases: register with lineage, gate, promote, roll back.
 
-See :mod:`registry.promotion` for the tag layout kept on each model version.
+See :mod:`registry.promotion` for the tag layout kept on each model version and
+:mod:`registry.gate` for the pure gates (challenger vs champion, which variant to serve).
 """
 
+from registry.gate import REFERENCE_VARIANT, VariantChoice, choose_variant
 from registry.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -19,6 +21,9 @@ from registry.promotion import (
 
 __all__ = [
     "CHALLENGER",
+    "REFERENCE_VARIANT",
+    "VariantChoice",
+    "choose_variant",
     "CHAMPION",
     "Decision",
     "RegistryError",

@@ -37,19 +37,18 @@ operator calls ``promote(name, version)`` without one to force a promotion.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
-import math
 import os
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+
+from registry.gate import Decision, should_promote  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -74,113 +73,10 @@ TAG_RESTORED_AT = "maas.restored_at"
 TAG_ATTEMPT_PREFIX = "maas.promotion_attempt."
 
 _AWAIT_READY_S = 300
-_FLOAT_TOL = 1e-12  # so that 0.85 - 0.80 counts as a delta of 0.05
 
 
 class RegistryError(ValueError):
     """A registry operation could not be done (unknown model/version, nothing to roll back...)."""
-
-
-# --------------------------------------------------------------------------------------------
-# The gate (pure)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Outcome of the challenger-vs-champion gate. Higher is better for every metric."""
-
-    promote: bool
-    reason: str
-    metric: str
-    candidate: float
-    incumbent: float | None
-    delta: float | None
-    min_delta: float
-    thresholds: dict[str, float] = field(default_factory=dict)
-    failed_thresholds: dict[str, float] = field(default_factory=dict)  # actual; nan = missing
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_tags(self) -> dict[str, str]:
-        """String tags, keys prefixed ``maas.decision.``; None becomes ""; dicts become JSON."""
-        p = TAG_DECISION_PREFIX
-        return {
-            p + "promote": "true" if self.promote else "false",
-            p + "reason": self.reason,
-            p + "metric": self.metric,
-            p + "candidate": _num(self.candidate),
-            p + "incumbent": _num(self.incumbent),
-            p + "delta": _num(self.delta),
-            p + "min_delta": _num(self.min_delta),
-            p + "thresholds": json.dumps(self.thresholds, sort_keys=True),
-            p + "failed_thresholds": json.dumps(self.failed_thresholds, sort_keys=True),
-        }
-
-
-def should_promote(
-    candidate: dict[str, float],
-    incumbent: dict[str, float] | None,
-    metric: str,
-    min_delta: float = 0.0,
-    thresholds: dict[str, float] | None = None,
-) -> Decision:
-    """Decide whether ``candidate`` may replace ``incumbent`` (pure: no MLflow calls).
-
-    Higher is better for ``metric`` and for every threshold metric. Promote iff
-
-    * every absolute threshold holds: ``candidate[m] >= t`` (a missing or NaN metric fails), and
-    * the candidate has ``metric``, and either there is no incumbent (``None``) or
-      ``candidate[metric] - incumbent[metric] >= min_delta`` (1e-12 tolerance for float noise).
-
-    An incumbent dict without ``metric`` cannot be compared and the candidate is rejected (promote
-    it by hand if the metric changed on purpose). ``reason`` names every failing check.
-    """
-    thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
-    failures: list[str] = []
-    failed: dict[str, float] = {}
-    for m, t in sorted(thresholds.items()):
-        value = _as_float(candidate.get(m))
-        if math.isnan(value):
-            failed[m] = value
-            failures.append(f"threshold {m} >= {t:g} failed: candidate has no {m}")
-        elif value < t:
-            failed[m] = value
-            failures.append(f"threshold {m} >= {t:g} failed: {m}={value:.4f}")
-
-    cand = _as_float(candidate.get(metric))
-    inc = None if incumbent is None else _as_float(incumbent.get(metric))
-    delta: float | None = None
-    if math.isnan(cand):
-        failures.append(f"candidate has no {metric}")
-        if inc is not None and math.isnan(inc):
-            inc = None
-        compared = f"{metric} unavailable"
-    elif incumbent is None:
-        compared = f"no incumbent champion; {metric}={cand:.4f}"
-    elif math.isnan(inc):
-        inc = None
-        failures.append(f"incumbent champion has no {metric}; cannot compare")
-        compared = ""
-    else:
-        delta = cand - inc
-        if delta >= min_delta - _FLOAT_TOL:
-            compared = (f"{metric} {cand:.4f} vs champion {inc:.4f}: delta {delta:+.4f} "
-                        f">= min_delta {min_delta:g}")
-        else:
-            failures.append(f"{metric} {cand:.4f} vs champion {inc:.4f}: delta {delta:+.4f} "
-                            f"< min_delta {min_delta:g}")
-            compared = ""
-
-    promote_ = not failures
-    if promote_:
-        reason = "promote: " + compared + ("; all thresholds met" if thresholds else "")
-    else:
-        reason = "reject: " + "; ".join(failures)
-    return Decision(promote=promote_, reason=reason, metric=metric, candidate=cand,
-                    incumbent=inc, delta=delta, min_delta=float(min_delta),
-                    thresholds=thresholds, failed_thresholds=failed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,17 +558,6 @@ def _json(obj: dict[str, Any]) -> str:
 
 def _str(v: Any) -> str:
     return "" if v is None else str(v)
-
-
-def _num(v: float | None) -> str:
-    return "" if v is None else repr(float(v))
-
-
-def _as_float(v: Any) -> float:
-    try:
-        return float("nan") if v is None else float(v)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def _fmt_metric(v: Any) -> str:

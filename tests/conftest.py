@@ -96,6 +96,7 @@ def write_pipeline(folder: Path, checkpoint: Path, **overrides) -> Path:
         "promotion": {"metric": "accuracy", "min_delta": 0.0, "thresholds": {}},
         "registry": {"model_name": "tiny-sentiment"},
         "bento": {"enabled": False},
+        "compression": {"enabled": False},  # tests/test_compression.py turns it on
     }
     for dotted, value in overrides.items():
         node = cfg

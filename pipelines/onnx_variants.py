@@ -1,0 +1,158 @@
+"""ONNX variants of a transformers text classifier: export, graph fusion, int8 quantisation, and
+an ONNX Runtime session that predicts probabilities.
+
+Everything here is a maintained library's public API: ``torch.onnx.export`` (TorchScript exporter,
+opset 17), ONNX Runtime's transformer optimizer (fuses attention, GELU and layer norms for
+BERT-style encoders) and ``onnxruntime.quantization`` (dynamic, or static QDQ calibrated on
+training rows). Files are plain ONNX (no external data, nothing pickled).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: model types ONNX Runtime's transformer optimizer fuses as "bert" (encoder-only models)
+_FUSABLE = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert"}
+_DEFAULT_TENSOR_FLOAT = 1  # onnx.TensorProto.FLOAT: type for tensors made by fused contrib ops
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def export(model, tokenizer, path: Path, max_length: int) -> list[str]:
+    """Export ``model`` (a transformers sequence classifier) to ``path``; returns the input names.
+
+    The export runs on a CPU fp32 copy with eager attention: the graph then has the attention
+    pattern ONNX Runtime's optimizer recognises and fuses (SDPA exports do not fuse)."""
+    import torch
+
+    m = copy.deepcopy(model).to("cpu").float().eval()
+    if hasattr(m, "set_attn_implementation"):
+        m.set_attn_implementation("eager")
+    enc = tokenizer(["an example", "another, longer example text"], padding=True,
+                    truncation=True, max_length=max_length, return_tensors="pt")
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    with torch.inference_mode():
+        torch.onnx.export(m, tuple(enc[n] for n in names), str(path), input_names=names,
+                          output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    return names
+
+
+def optimize(src: Path, dst: Path, config) -> dict[str, int]:
+    """Fuse the graph with ONNX Runtime's transformer optimizer; returns the fused-op counts.
+    A model type it does not know is copied unchanged (the session still applies ORT's generic
+    graph optimisations)."""
+    import shutil
+
+    if getattr(config, "model_type", None) not in _FUSABLE:
+        shutil.copyfile(src, dst)
+        return {}
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(src), model_type="bert", num_heads=int(config.num_attention_heads),
+                         hidden_size=int(config.hidden_size), opt_level=1)
+    opt.save_model_to_file(str(dst))
+    return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def quantize(src: Path, dst: Path, *, mode: str, per_channel: bool,
+             calibration: list[dict[str, np.ndarray]] | None = None) -> None:
+    """int8 weights (dynamic: activations quantised at run time) or weights and activations
+    (static QDQ, activation ranges calibrated on ``calibration`` batches)."""
+    from onnxruntime import quantization as q
+
+    extra = {"DefaultTensorType": _DEFAULT_TENSOR_FLOAT}
+    logging.disable(logging.INFO)  # the quantiser logs every tensor at INFO on the root logger
+    try:
+        _quantize(q, src, dst, mode, per_channel, calibration, extra)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantize(q, src: Path, dst: Path, mode: str, per_channel: bool,
+              calibration: list[dict[str, np.ndarray]] | None, extra: dict[str, Any]) -> None:
+    if mode == "dynamic":
+        q.quantize_dynamic(str(src), str(dst), weight_type=q.QuantType.QInt8,
+                           per_channel=per_channel, extra_options=extra)
+        return
+    if not calibration:
+        raise ValueError("static int8 quantisation needs calibration batches")
+    reader = _Calibration(calibration)
+    q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
+                      per_channel=per_channel, weight_type=q.QuantType.QInt8,
+                      activation_type=q.QuantType.QUInt8, extra_options=extra)
+
+
+class _Calibration:
+    """``onnxruntime.quantization.CalibrationDataReader`` over prepared input batches."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # some ORT versions call it between calibration passes
+        pass
+
+
+def available_providers() -> list[str]:
+    """Execution providers to use, fastest first: TensorRT, CUDA when present, always CPU."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    order = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    return [p for p in order if p in have] or ["CPUExecutionProvider"]
+
+
+class OrtClassifier:
+    """An ONNX Runtime session that maps texts to softmax probabilities."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, tokenizer, max_length: int, threads: int | None = None,
+                 providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or cpu_cores()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), so,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=self.max_length, return_tensors="np")
+        return {n: np.asarray(enc[n], dtype=np.int64) for n in self.inputs}
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        logits = self.session.run(["logits"], self.encode(texts))[0].astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def calibration_batches(tokenizer, texts: list[str], max_length: int, inputs: list[str],
+                        batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], padding="longest", truncation=True,
+                        max_length=max_length, return_tensors="np")
+        out.append({n: np.asarray(enc[n], dtype=np.int64) for n in inputs})
+    return out

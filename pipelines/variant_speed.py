@@ -1,0 +1,107 @@
+"""Measure classifiers the way they are served: probabilities on the test set at batch 32 in the
+data's order (padding to each batch's longest text), throughput at batch 32 with a fixed thread
+count, and median latency of single texts. Timing rounds interleave the variants, so a change in
+the machine's load hits all of them alike instead of favouring whichever ran in a quiet moment.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+BATCH = 32
+SPEED_TEXTS = 320  # texts per timing round (10 batches of 32)
+
+
+class Classifier(Protocol):
+    runtime: str
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray: ...
+
+
+class TorchClassifier:
+    """A transformers sequence classifier on its device (inference mode, fp32 on CPU)."""
+
+    runtime = "torch"
+
+    def __init__(self, model, tokenizer, max_length: int) -> None:
+        self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        device = next(self.model.parameters()).device
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=self.max_length, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            logits = self.model(**enc).logits.float()
+        return torch.softmax(logits, dim=-1).cpu().numpy()
+
+
+@dataclass
+class Measured:
+    probs: np.ndarray
+    texts_per_s: list[float] = field(default_factory=list)
+    p50_ms_b1: float = float("nan")
+
+
+def predict_all(clf: Classifier, texts: list[str], batch: int = BATCH) -> np.ndarray:
+    return np.concatenate([clf.predict_proba(texts[i:i + batch])
+                           for i in range(0, len(texts), batch)])
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure(clfs: dict[str, Classifier], texts: list[str], *, threads: int, rounds: int,
+            latency_samples: int) -> dict[str, Measured]:
+    """Probabilities on all ``texts`` plus speed figures for every classifier (torch ones run
+    with ``threads`` intra-op threads; ORT sessions were made with the same count)."""
+    out: dict[str, Measured] = {}
+    speed_set = texts[:SPEED_TEXTS]
+    with torch_threads(threads):
+        for name, clf in clfs.items():
+            out[name] = Measured(probs=predict_all(clf, texts))
+        for _ in range(rounds):
+            for name, clf in clfs.items():
+                clf.predict_proba(speed_set[:BATCH])  # warm caches for this variant
+                t0 = time.perf_counter()
+                predict_all(clf, speed_set)
+                out[name].texts_per_s.append(len(speed_set) / (time.perf_counter() - t0))
+        singles = texts[:latency_samples]
+        for name, clf in clfs.items():
+            clf.predict_proba(singles[:1])
+            times = []
+            for text in singles:
+                t0 = time.perf_counter()
+                clf.predict_proba([text])
+                times.append((time.perf_counter() - t0) * 1000)
+            out[name].p50_ms_b1 = statistics.median(times)
+    return out
+
+
+def figures(m: Measured, reference: np.ndarray, metrics: dict[str, float]) -> dict[str, Any]:
+    """The speed and quality figures of one variant (``reference``: fp32 probabilities)."""
+    agree = float(np.mean(m.probs.argmax(1) == reference.argmax(1)))
+    return {
+        "texts_per_s": statistics.median(m.texts_per_s),
+        "texts_per_s_rounds": [round(v, 2) for v in m.texts_per_s],
+        "p50_ms_b1": m.p50_ms_b1,
+        "agreement_with_fp32": agree,
+        "max_abs_prob_diff_vs_fp32": float(np.abs(m.probs - reference).max()),
+        **{k: v for k, v in metrics.items()},
+    }
