@@ -149,6 +149,8 @@ def _summary(r) -> str:
         f"  Optuna study      {r.study_name}  best trial #{r.best_trial} {r.best_params}",
         "  test metrics      " + ", ".join(f"{k}={v:.4f}" for k, v in r.test_metrics.items()),
         f"  registered        {r.model_name} version {r.model_version} (alias challenger)",
+        *([f"  variant           {r.variant} ({r.variant_speedup:.2f}x fp32 texts/s; table in "
+           "the run's compression/variants.md)"] if r.variant else []),
         f"  promoted          {'yes' if r.promoted else 'no'}: {r.decision_reason}",
         f"  champion          {r.model_name}@champion = version {r.champion_version}",
     ]
@@ -255,10 +257,15 @@ def models(name: str) -> None:
 @click.option("--quantize", is_flag=True, help="Dynamic int8 quantisation (CPU deployments).")
 @click.option("--max-batch-size", type=int, default=32, show_default=True)
 @click.option("--max-latency-ms", type=int, default=5000, show_default=True)
+@click.option("--variant", default=None, metavar="NAME",
+              help="Compression variant to serve (fp32, onnx, onnx-int8, pruned, "
+                   "pruned+onnx-int8); default: the version's chosen one (tag maas.variant).")
 @_errors
-def build(ref: str, quantize: bool, max_batch_size: int, max_latency_ms: int) -> None:
+def build(ref: str, quantize: bool, max_batch_size: int, max_latency_ms: int,
+          variant: str | None) -> None:
     """Build a bento from a registry alias, e.g. `maas build sst2-sentiment@champion`."""
     from bentos import BentoSettings, build_bento
+    from bentos.variants import VariantOutOfBudget
     from pipelines.config import ConfigError
 
     if "@" in ref:
@@ -268,9 +275,20 @@ def build(ref: str, quantize: bool, max_batch_size: int, max_latency_ms: int) ->
         uri = f"models:/{ref}"
     else:
         raise ConfigError(f"{ref!r}: expected NAME@ALIAS (or NAME/VERSION)")
-    built = build_bento(uri, BentoSettings(quantize=quantize, max_batch_size=max_batch_size,
-                                           max_latency_ms=max_latency_ms))
-    click.echo(f"bento {built.bento_tag} (model {built.model_name} v{built.model_version})\n"
+    try:
+        settings = BentoSettings(quantize=quantize, max_batch_size=max_batch_size,
+                                 max_latency_ms=max_latency_ms, variant=variant)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        built = build_bento(uri, settings)
+    except VariantOutOfBudget as exc:  # a refusal recorded in the registry
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_REGISTRY)
+    except ValueError as exc:  # unknown variant, bad variant entry, not a model version
+        raise ConfigError(str(exc)) from None
+    click.echo(f"bento {built.bento_tag} (model {built.model_name} v{built.model_version}, "
+               f"variant {built.variant} on {built.runtime})\n"
                f"serve with: {built.serve_command}")
 
 

@@ -78,11 +78,24 @@ class _Builder:
 
     def __init__(self, cfg, data, model, tokenizer, workdir: Path) -> None:
         self.cfg, self.data, self.model, self.tok, self.dir = cfg, data, model, tokenizer, workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.max_length = cfg.model.max_length
         self.threads = cfg.compression.threads or ox.cpu_cores()
         self._pruned: Any = None
         self._pruned_error: str | None = None
         self._graphs: dict[str, tuple[Path, dict[str, Any]]] = {}
+
+    def with_int8(self, mode: str, per_channel: bool, workdir: Path) -> "_Builder":
+        """A builder with other int8 settings that reuses this one's pruned model and fused
+        graphs (so alternatives are compared on the same weights)."""
+        comp = self.cfg.compression
+        int8 = comp.int8.model_copy(update={"mode": mode, "per_channel": per_channel})
+        cfg = self.cfg.model_copy(update={"compression": comp.model_copy(update={"int8": int8})})
+        other = _Builder(cfg, self.data, self.model, self.tok, workdir)
+        other._graphs = {k: v for k, v in self._graphs.items() if not k.endswith("int8")}
+        other._pruned, other._pruned_error = self._pruned, self._pruned_error
+        other._pruned_details = dict(getattr(self, "_pruned_details", {}))
+        return other
 
     def build(self, name: str) -> Variant:
         base, _, fmt = name.partition("+") if name.startswith("pruned") else ("", "", name)
@@ -164,34 +177,44 @@ def compress(cfg, data, model, tokenizer, family, labels: list[str],
              evaluate: Callable[[Any], dict[str, float]]) -> Outcome:
     """Build, measure and log every variant; pick the one to serve. ``evaluate(probs)`` scores
     test-set probabilities with the same metrics as the gate. Runs inside the pipeline run."""
-    from registry import choose_variant
-
-    comp = cfg.compression
-    names = [REFERENCE] + [v for v in comp.variants if v != REFERENCE]
-    metric = cfg.promotion.metric
     with tempfile.TemporaryDirectory(prefix="maas-variants-") as tmp:
         builder = _Builder(cfg, data, model, tokenizer, Path(tmp))
-        variants = {n: _try_build(builder, n) for n in names}
-        if variants[REFERENCE].error:
-            raise RuntimeError(f"the fp32 reference could not be measured: "
-                               f"{variants[REFERENCE].error}")
-        ok = {n: v for n, v in variants.items() if not v.error}
-        texts = data.test.text.tolist()
-        measured = measure({n: v.clf for n, v in ok.items()}, texts, threads=builder.threads,
-                           rounds=comp.speed_rounds, latency_samples=comp.latency_samples)
-        ref = measured[REFERENCE].probs
-        for n, v in ok.items():
-            v.figures = figures(measured[n], ref, evaluate(measured[n].probs))
-            v.figures.update(size_mb=v.size_mb, params=v.params)
-        choice = choose_variant({n: v.figures for n, v in ok.items()}, metric,
-                                comp.max_accuracy_drop)
-        outcome = Outcome(variants, choice, metric, comp.max_accuracy_drop)
-        for n, v in variants.items():
+        names = [REFERENCE] + [v for v in cfg.compression.variants if v != REFERENCE]
+        variants = {n: try_build(builder, n) for n in names}
+        outcome = measure_and_choose(cfg, data, variants, evaluate, builder.threads)
+        for v in variants.values():
             _log_variant(v, outcome, family, tokenizer, labels, cfg.model.max_length)
     return outcome
 
 
-def _try_build(builder: _Builder, name: str) -> Variant:
+def builder(cfg, data, model, tokenizer, workdir: Path) -> _Builder:
+    """A variant builder (for benchmarks: build variants under other settings side by side)."""
+    return _Builder(cfg, data, model, tokenizer, workdir)
+
+
+def measure_and_choose(cfg, data, variants: dict[str, Variant],
+                       evaluate: Callable[[Any], dict[str, float]], threads: int) -> Outcome:
+    """Measure the built variants side by side on the test set and apply the variant gate."""
+    from registry import choose_variant
+
+    comp = cfg.compression
+    if variants[REFERENCE].error:
+        raise RuntimeError(f"the fp32 reference could not be measured: "
+                           f"{variants[REFERENCE].error}")
+    ok = {n: v for n, v in variants.items() if not v.error}
+    measured = measure({n: v.clf for n, v in ok.items()}, data.test.text.tolist(),
+                       threads=threads, rounds=comp.speed_rounds,
+                       latency_samples=comp.latency_samples)
+    ref = measured[REFERENCE].probs
+    for n, v in ok.items():
+        v.figures = figures(measured[n], ref, evaluate(measured[n].probs))
+        v.figures.update(size_mb=v.size_mb, params=v.params)
+    choice = choose_variant({n: v.figures for n, v in ok.items()}, cfg.promotion.metric,
+                            comp.max_accuracy_drop)
+    return Outcome(variants, choice, cfg.promotion.metric, comp.max_accuracy_drop)
+
+
+def try_build(builder: _Builder, name: str) -> Variant:
     try:
         v = builder.build(name)
         log.info("variant %s built (%s, %.1f MB)", name, v.runtime, v.size_mb)

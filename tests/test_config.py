@@ -46,11 +46,29 @@ def test_config_hash_ignores_formatting(tmp_path):
     ({"bento.max_batch_size": 0}, "bento.max_batch_size"),
     ({"model.max_length": "long"}, "model.max_length: Input should be a valid integer"),
     ({"surprise": True}, "surprise: Extra inputs are not permitted"),
+    ({"compression.variants": ["onnx", "int4"]}, "compression.variants.1: Input should be"),
+    ({"compression.variants": ["onnx", "onnx"]},
+     "compression.variants: Value error, variants listed twice: ['onnx']"),
+    ({"compression.max_accuracy_drop": -0.1},
+     "compression.max_accuracy_drop: Input should be greater than or equal to 0"),
+    ({"compression.int8.mode": "awq"}, "compression.int8.mode: Input should be 'dynamic' or"),
+    ({"compression.pruning.amount": 1.0}, "compression.pruning.amount: Input should be less"),
+    ({"compression.speed": 3}, "compression.speed: Extra inputs are not permitted"),
 ])
 def test_config_errors_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
         PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml", override)
     assert message in str(err.value)
+
+
+def test_compression_defaults_and_reference():
+    cfg = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml")
+    c = cfg.compression
+    assert c.enabled and c.max_accuracy_drop == 0.01
+    assert {"onnx", "onnx-int8", "pruned", "pruned+onnx-int8"} <= set(c.variants)
+    off = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml",
+                              {"compression.enabled": False})
+    assert not off.compression.enabled and off.config_hash() != cfg.config_hash()
 
 
 def test_missing_and_non_mapping_files(tmp_path):

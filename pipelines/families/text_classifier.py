@@ -63,8 +63,59 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def amp_dtype(device) -> Any:
+    """The autocast dtype on ``device``: bf16 on a CUDA card that supports it, else fp16 on CUDA;
+    None (plain fp32, no autocast) on CPU and anything else."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def precision_name(dtype) -> str:
+    """"fp32" | "bf16" | "fp16" for an :func:`amp_dtype` result (None = no autocast)."""
+    import torch
+
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _autocast(device, dtype):
+    import contextlib
+
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def load_for_training(checkpoint: Path, id2label: dict[int, str], dropout: float):
+    """The sequence classifier with SDPA attention; architectures without SDPA support fall back
+    to transformers' default attention (logged). SDPA is also transformers' own default for BERT,
+    so CPU numbers are the same either way."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"num_labels": len(id2label), "id2label": dict(id2label),
+              "label2id": {v: k for k, v in id2label.items()},
+              "hidden_dropout_prob": dropout, "use_safetensors": True}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            checkpoint, attn_implementation="sdpa", **kwargs)
+    except ValueError as exc:  # "X does not support ... scaled_dot_product_attention yet"
+        if "scaled_dot_product_attention" not in str(exc):
+            raise
+        log.warning("SDPA attention unavailable for %s (%s); using the default attention",
+                    checkpoint, str(exc).split(" Please", 1)[0])
+        return AutoModelForSequenceClassification.from_pretrained(checkpoint, **kwargs)
+
+
 class Trainer:
-    """One fine-tuning run: AdamW + linear warm-up/decay, padding to the longest text per batch."""
+    """One fine-tuning run: AdamW + linear warm-up/decay, padding to the longest text per batch.
+
+    On CUDA the forward pass runs under bf16 autocast (fp16 autocast + a gradient scaler on cards
+    without bf16); on CPU it is plain fp32. ``self.precision`` says which: "fp32"|"bf16"|"fp16".
+    """
 
     def __init__(
         self,
@@ -79,23 +130,20 @@ class Trainer:
     ) -> None:
         _offline()
         import torch
-        from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                                  get_linear_schedule_with_warmup)
+        from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
         p = {**HYPERPARAMETERS, **params}
         self.params = p
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            checkpoint,
-            num_labels=len(id2label),
-            id2label=dict(id2label),
-            label2id={v: k for k, v in id2label.items()},
-            hidden_dropout_prob=float(p["dropout"]),
-            use_safetensors=True,
-        )
+        self.model = load_for_training(checkpoint, id2label, float(p["dropout"]))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
+        self.amp_dtype = amp_dtype(self.device)
+        self.precision = precision_name(self.amp_dtype)
+        self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None)
+        log.info("training on %s in %s (attention: %s)", self.device, self.precision,
+                 getattr(self.model.config, "_attn_implementation", "?"))
         self.texts, self.labels = list(texts), list(label_ids)
         self.max_length = max_length
         self.batch_size = int(p["batch_size"])
@@ -128,16 +176,32 @@ class Trainer:
             enc = self.tokenizer([self.texts[i] for i in idx], padding="longest", truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.device)
             labels = torch.tensor([self.labels[i] for i in idx], device=self.device)
-            out = self.model(**enc, labels=labels)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
-            self.scheduler.step()
+            with _autocast(self.device, self.amp_dtype):
+                out = self.model(**enc, labels=labels)
+            self._step(out.loss)
             self.optimizer.zero_grad(set_to_none=True)
             total += out.loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         return total / max(seen, 1)
+
+    def _step(self, loss) -> None:
+        """backward, clip to norm 1, optimizer + schedule step; fp16 goes through the scaler
+        (gradients unscaled before clipping; a step the scaler skips for inf/nan is skipped)."""
+        import torch
+
+        params = self.model.parameters()
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
 
 
 def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
@@ -145,12 +209,14 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     """Softmax probabilities, one row per text, columns in ``model.config.id2label`` order.
 
     Texts are sorted by length so each batch pads to a similar length; rows come back in order.
+    On CUDA the forward pass runs under bf16 autocast (fp16 without bf16 support); on CPU fp32.
     """
     import torch
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
+    dtype = amp_dtype(device)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -159,7 +225,8 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
                         disable=desc is None):
             enc = tokenizer([texts[i] for i in idx], padding="longest", truncation=True,
                             max_length=max_length, return_tensors="pt").to(device)
-            logits = model(**enc).logits.float()
+            with _autocast(device, dtype):
+                logits = model(**enc).logits.float()
             out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
     return out
 
