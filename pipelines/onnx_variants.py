@@ -92,9 +92,12 @@ def _quantize(q, src: Path, dst: Path, mode: str, per_channel: bool,
     if not calibration:
         raise ValueError("static int8 quantisation needs calibration batches")
     reader = _Calibration(calibration)
+    # biases stay fp32: int32 bias scales need every producer's range, which the fused graph's
+    # contrib ops (e.g. the pooler's Gather after EmbedLayerNormalization) do not give
     q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
                       per_channel=per_channel, weight_type=q.QuantType.QInt8,
-                      activation_type=q.QuantType.QUInt8, extra_options=extra)
+                      activation_type=q.QuantType.QUInt8,
+                      extra_options={**extra, "QuantizeBias": False})
 
 
 class _Calibration:
