@@ -1,13 +1,15 @@
 """Package a registered MLflow text classifier as a BentoML bento.
 
-``build_bento("models:/NAME@champion")`` resolves the alias to a pinned registry version, loads the
-transformers components of that version, writes them (safetensors + tokenizer files, never pickle)
-into a new model in the BentoML model store, and builds a bento from the service in
-``bentos/text_classifier/``. The service reads a ``bento_config.json`` written beside it in the build
-context (model tag, batching, limits, traffic), so ``bentoml serve <bento_tag>`` needs no
-environment variables.
+``build_bento("models:/NAME@champion")`` resolves the alias to a pinned registry version, picks
+the compression variant to serve (``bentos.variants``: the version's ``maas.variant`` tag or
+``settings.variant``; never one outside its accuracy budget), writes its files (safetensors +
+tokenizer, or a single-file ONNX graph + tokenizer; never pickle) into a new model in the BentoML
+model store, and builds a bento from the service in ``bentos/text_classifier/`` (``service.py``
+and its runtime module ``maas_runtime.py``). The service reads a ``bento_config.json`` written
+beside it in the build context (model tag, variant, batching, limits, traffic), so ``bentoml
+serve <bento_tag>`` needs no environment variables.
 
-bentoml, mlflow, torch and transformers are imported inside the functions only.
+bentoml, mlflow, torch, transformers and onnx are imported inside the functions only.
 """
 
 from __future__ import annotations
@@ -26,15 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bentos.settings import BentoSettings
+from bentos.variants import Variant, check_no_pickle, choose_variant, save_onnx_variant
+
 logger = logging.getLogger(__name__)
 
 SERVICE_DIR = Path(__file__).resolve().parent / "text_classifier"
 SERVICE_MODULE = "service"
 SERVICE_CLASS = "TextClassifier"
+#: the model-runtime module the service loads from beside itself (copied into every bento)
+RUNTIME_MODULE = "maas_runtime"
 CONFIG_FILENAME = "bento_config.json"
 #: what the service imports at serving time, pinned to the versions installed here (BentoML adds
 #: its own pinned requirement, bentoml==<installed>, to every bento)
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pydantic")
+#: added for ONNX Runtime variants
+ORT_PACKAGES = ("onnxruntime", "numpy")
 #: label keys written on the BentoML model and the bento
 LABEL_MANAGED = "maas.managed"
 LABEL_NAME = "mlflow.model_name"
@@ -42,102 +51,11 @@ LABEL_VERSION = "mlflow.model_version"
 LABEL_RUN_ID = "mlflow.run_id"
 LABEL_ALIAS = "mlflow.alias"
 LABEL_DEPLOYMENT = "maas.deployment"
+LABEL_VARIANT = "maas.variant"
 
 _TAG_MAX = 63
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^@]+)@(?P<alias>[^/@]+)$")
 _VERSION_URI = re.compile(r"^models:/(?P<name>.+)/(?P<version>\d+)$")
-
-
-@dataclass(frozen=True)
-class BentoSettings:
-    """Serving settings baked into the bento.
-
-    ``max_batch_size`` caps the texts per model call (BentoML's adaptive batcher merges the texts
-    of concurrent requests and splits a large request across calls; 1 turns batching off).
-    ``max_latency_ms`` is *not* a target latency: BentoML 1.4's batcher cancels queued requests
-    whose estimated completion time exceeds it and answers them 503 (its estimate is rough,
-    especially before it has seen batches of many sizes), so keep it well above the p99 you
-    expect; admission control is ``max_concurrency`` (in-flight requests per service, the excess
-    gets 429) and ``timeout`` (seconds per request, then 504). ``max_texts``/``max_chars`` are
-    the per-request limits (400 naming the limit). ``quantize`` applies dynamic int8
-    quantisation of ``nn.Linear`` at load time on CPU (ignored on GPU, where the model runs in
-    bf16/fp16).
-    """
-
-    max_batch_size: int = 32
-    max_latency_ms: int = 5000
-    max_texts: int = 64
-    max_chars: int = 2000
-    timeout: float = 30.0
-    max_concurrency: int = 64
-    workers: int = 1
-    quantize: bool = False
-    service_name: str | None = None
-    #: tokeniser truncation length; None = min(tokenizer.model_max_length, max positions)
-    max_tokens: int | None = None
-    #: torch CPU threads per worker; None = cores // workers, less one for the event loop
-    torch_threads: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_latency_ms", "max_texts", "max_chars",
-                     "max_concurrency", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BentoSettings.{name} must be a positive integer, got {value!r}")
-        for name in ("max_tokens", "torch_threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"BentoSettings.{name} must be a positive integer or None, "
-                                 f"got {value!r}")
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
-                or self.timeout <= 0:
-            raise ValueError(f"BentoSettings.timeout must be > 0 seconds, got {self.timeout!r}")
-        if not isinstance(self.quantize, bool):
-            raise ValueError(  # noqa: TRY004 (callers handle ValueError for all settings)
-                f"BentoSettings.quantize must be a bool, got {self.quantize!r}")
-        if self.service_name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
-                                                              self.service_name):
-            raise ValueError("BentoSettings.service_name must be a Python-identifier-like name "
-                             f"(letters, digits, _), got {self.service_name!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_mapping(cls, config: dict[str, Any] | None) -> BentoSettings:
-        """Settings from a plain mapping (e.g. an MLflow deployment ``config``); string values
-        such as ``"32"`` or ``"true"`` (from ``mlflow deployments create -C k=v``) are converted.
-        Unknown keys raise ``ValueError``."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config or {}) - set(known))
-        if unknown:
-            raise ValueError(f"unknown bento setting(s) {unknown}; known: {sorted(known)}")
-        values: dict[str, Any] = {}
-        for key, raw in (config or {}).items():
-            default = known[key].default
-            values[key] = _coerce(key, raw, default)
-        return cls(**values)
-
-
-def _coerce(key: str, raw: Any, default: Any) -> Any:
-    if not isinstance(raw, str):
-        return raw
-    text = raw.strip()
-    if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"bento setting {key}: expected a boolean, got {raw!r}")
-    if key == "service_name":
-        return text or None
-    if text.lower() in ("", "none", "null") and default is None:
-        return None
-    try:
-        return float(text) if isinstance(default, float) else int(text)
-    except ValueError:
-        raise ValueError(f"bento setting {key}: expected a number, got {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -152,6 +70,8 @@ class BuildResult:
     labels: list[str] = field(default_factory=list)
     bentoml_home: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    variant: str = "fp32"
+    runtime: str = "torch"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,11 +134,11 @@ def bentoml_store_scope() -> Iterator[Path]:
         yield home
 
 
-def _pinned_packages() -> list[str]:
+def _pinned_packages(runtime: str = "torch") -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for pkg in SERVING_PACKAGES:
+    for pkg in SERVING_PACKAGES + (ORT_PACKAGES if runtime == "onnxruntime" else ()):
         try:
             v = version(pkg)
         except PackageNotFoundError:
@@ -239,14 +159,14 @@ def _resolve_version(name: str, alias: str | None, version: str | None):
     return mv
 
 
-def _load_components(name: str, version: str):
+def _load_components(model_uri: str):
     import mlflow
 
-    # pinned to the version resolved above, so a concurrent alias move cannot mix versions
-    comp = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+    # the pinned version (or the variant's own logged model), so an alias move cannot mix models
+    comp = mlflow.transformers.load_model(model_uri, return_type="components")
     model, tokenizer = comp.get("model"), comp.get("tokenizer")
     if model is None or tokenizer is None:
-        raise ValueError(f"models:/{name}/{version} has no model+tokenizer components "
+        raise ValueError(f"{model_uri} has no model+tokenizer components "
                          f"(found {sorted(comp)}); log it with mlflow.transformers.log_model("
                          "transformers_model={'model': ..., 'tokenizer': ...})")
     return model, tokenizer, comp.get("task")
@@ -259,26 +179,24 @@ def _labels_of(model) -> list[str]:
 
 
 def _check_no_pickle(path: Path) -> None:
-    bad = [p.name for p in path.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl",
-                                                             ".pickle", ".ckpt")]
-    if bad:
-        raise RuntimeError(f"refusing to package pickle-based weight files {bad}")
+    check_no_pickle(path)
     if not any(path.glob("*.safetensors")):
         raise RuntimeError(f"no safetensors weights were written to {path}")
 
 
 @contextlib.contextmanager
-def _fresh_module(name: str) -> Iterator[None]:
+def _fresh_module(*names: str) -> Iterator[None]:
     """BentoML imports the service by module name (``service``) into this process; make sure a
     cached module of that name (an earlier build, or someone else's) is not reused, and put
     things back afterwards."""
-    saved = sys.modules.pop(name, None)
+    saved = {name: sys.modules.pop(name, None) for name in names}
     try:
         yield
     finally:
-        sys.modules.pop(name, None)
-        if saved is not None:
-            sys.modules[name] = saved
+        for name, module in saved.items():
+            sys.modules.pop(name, None)
+            if module is not None:
+                sys.modules[name] = module
 
 
 @contextlib.contextmanager
@@ -293,10 +211,11 @@ def _build_context(context_dir: str | Path | None) -> Iterator[Path]:
 
 
 def write_build_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any]) -> None:
-    """The service file, its ``bento_config.json`` and a ``bentofile.yaml`` in ``ctx``."""
+    """The service file, its runtime module, ``bento_config.json`` and a ``bentofile.yaml``."""
     import yaml
 
-    shutil.copy2(SERVICE_DIR / f"{SERVICE_MODULE}.py", ctx / f"{SERVICE_MODULE}.py")
+    for module in (SERVICE_MODULE, RUNTIME_MODULE):
+        shutil.copy2(SERVICE_DIR / f"{module}.py", ctx / f"{module}.py")
     (ctx / CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     (ctx / "bentofile.yaml").write_text(yaml.safe_dump(bentofile, sort_keys=False), "utf-8")
 
@@ -308,16 +227,77 @@ def _serve_command(bento_tag: str, home: Path) -> str:
     return f"BENTOML_HOME={shlex.quote(str(home))} {cmd}" if "BENTOML_HOME" in os.environ else cmd
 
 
+def _write_model_files(variant: Variant, dest: Path) -> dict[str, Any]:
+    """The variant's files into the BentoML model folder ``dest``; returns what the service needs
+    to know about them (labels, runtime, and for ONNX the graph's inputs/output/limits)."""
+    if variant.runtime == "onnxruntime":
+        meta = save_onnx_variant(variant, dest)
+        return {"labels": [str(x) for x in meta["labels"]], "task": "text-classification",
+                "architecture": "onnx",
+                "onnx": {k: meta.get(k) for k in ("input_names", "output_name", "max_length",
+                                                   "max_positions", "dtype")}}
+    model, tokenizer, task = _load_components(variant.model_uri)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    _check_no_pickle(dest)
+    return {"labels": _labels_of(model), "task": task or "text-classification",
+            "architecture": type(model).__name__}
+
+
+def _description(name: str, version: str, alias: str | None, run_id: str | None,
+                 variant: Variant, labels: list[str], model_tag: str) -> str:
+    return (f"MaaS text classifier: MLflow model `{name}` version {version}"
+            f"{f' (alias `{alias}`)' if alias else ''}, run `{run_id}`; variant "
+            f"`{variant.name}` ({variant.runtime}); labels {labels}; BentoML model "
+            f"`{model_tag}`.")
+
+
+def _bento_config(model_tag: str, settings: BentoSettings, metadata: dict[str, Any],
+                  variant: Variant, files: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model_tag": model_tag,
+        "settings": settings.to_dict(),
+        "mlflow": {k: metadata[k] for k in ("mlflow_model_name", "mlflow_version",
+                                            "mlflow_run_id", "alias", "model_uri")},
+        "labels": files["labels"],
+        "variant": {**variant.to_dict(), **({"onnx": files["onnx"]} if "onnx" in files
+                                           else {})},
+    }
+
+
+def _build_from_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any]):
+    import bentoml
+
+    write_build_context(ctx, config, bentofile)
+    with _fresh_module(SERVICE_MODULE, RUNTIME_MODULE):
+        # the same call as the `bentoml build <ctx>` CLI
+        return bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx))
+
+
+def _model_metadata(mv: Any, model_uri: str, run_id: str | None, alias: str | None,
+                    settings: BentoSettings, variant: Variant) -> dict[str, Any]:
+    name, version = mv.name, str(mv.version)
+    return {"mlflow_model_name": name, "mlflow_version": version,
+            "mlflow_run_id": run_id or "", "alias": alias or "",
+            "aliases": list(getattr(mv, "aliases", None) or []), "model_uri": model_uri,
+            "pinned_uri": f"models:/{name}/{version}", "mlflow_source": str(mv.source or ""),
+            "quantize": settings.quantize,
+            # BentoML metadata takes no None values
+            "variant": {k: v for k, v in variant.to_dict().items() if v is not None}}
+
+
 def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
                 bento_name: str | None = None,
                 extra_labels: dict[str, str] | None = None,
                 context_dir: str | Path | None = None) -> BuildResult:
-    """Import the registered model version behind ``model_uri`` into the BentoML model store and
-    build a bento serving it. Returns the tags and the command that serves it.
+    """Import the registered model version behind ``model_uri`` (its chosen compression variant,
+    or ``settings.variant``) into the BentoML model store and build a bento serving it. Returns
+    the tags and the command that serves it.
 
     ``bento_name`` defaults to the (sanitised) registered model name; ``extra_labels`` are added
     to the BentoML model and the bento; ``context_dir`` keeps the build context (``service.py``,
-    ``bento_config.json``, ``bentofile.yaml``) there, so ``bentoml build DIR`` can rebuild it."""
+    ``maas_runtime.py``, ``bento_config.json``, ``bentofile.yaml``) there, so ``bentoml build
+    DIR`` can rebuild it. A variant outside its accuracy budget, or unknown, is a ValueError."""
     import bentoml
 
     settings = settings or BentoSettings()
@@ -326,70 +306,37 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
     version = str(mv.version)
     tags = dict(getattr(mv, "tags", None) or {})
     run_id = mv.run_id or tags.get("maas.run_id") or None
-    logger.info("building a bento for %s -> %s version %s (run %s)", model_uri, name, version,
-                run_id)
-
-    model, tokenizer, task = _load_components(name, version)
-    labels = _labels_of(model)
-    model_name = sanitize_name(name)
-    bento_name = sanitize_name(bento_name) if bento_name else model_name
-    str_labels = {
-        LABEL_MANAGED: "true",
-        LABEL_NAME: name,
-        LABEL_VERSION: version,
-        LABEL_RUN_ID: run_id or "",
-        LABEL_ALIAS: alias or "",
-        LABEL_DEPLOYMENT: bento_name,
-        **(extra_labels or {}),
-    }
-    metadata = {
-        "mlflow_model_name": name,
-        "mlflow_version": version,
-        "mlflow_run_id": run_id or "",
-        "alias": alias or "",
-        "aliases": list(getattr(mv, "aliases", None) or []),
-        "model_uri": model_uri,
-        "pinned_uri": f"models:/{name}/{version}",
-        "mlflow_source": str(mv.source or ""),
-        "task": task or "text-classification",
-        "labels": labels,
-        "quantize": settings.quantize,
-        "architecture": type(model).__name__,
-    }
+    variant = choose_variant(tags, f"models:/{name}/{version}", settings.variant)
+    logger.info("building a bento for %s -> %s version %s (run %s), variant %s (%s)", model_uri,
+                name, version, run_id, variant.name, variant.runtime)
+    bento_name = sanitize_name(bento_name) if bento_name else sanitize_name(name)
+    str_labels = {LABEL_MANAGED: "true", LABEL_NAME: name, LABEL_VERSION: version,
+                  LABEL_RUN_ID: run_id or "", LABEL_ALIAS: alias or "",
+                  LABEL_DEPLOYMENT: bento_name, LABEL_VARIANT: variant.name,
+                  **(extra_labels or {})}
+    metadata = _model_metadata(mv, model_uri, run_id, alias, settings, variant)
 
     with bentoml_store_scope() as home:
-        with bentoml.models.create(name=model_name, labels=str_labels, metadata=metadata) as bm:
-            model.save_pretrained(bm.path)
-            tokenizer.save_pretrained(bm.path)
-            _check_no_pickle(Path(bm.path))
+        with bentoml.models.create(name=sanitize_name(name), labels=str_labels,
+                                   metadata=metadata) as bm:
+            files = _write_model_files(variant, Path(bm.path))
+            bm.info.metadata.update(labels=files["labels"], task=files["task"],
+                                    architecture=files["architecture"])
         model_tag = str(bm.tag)
-        logger.info("imported %s as BentoML model %s", model_uri, model_tag)
-
-        config = {
-            "model_tag": model_tag,
-            "settings": settings.to_dict(),
-            "mlflow": {k: metadata[k] for k in ("mlflow_model_name", "mlflow_version",
-                                                "mlflow_run_id", "alias", "model_uri")},
-            "labels": labels,
-        }
-        description = (f"MaaS text classifier: MLflow model `{name}` version {version}"
-                       f"{f' (alias `{alias}`)' if alias else ''}, run `{run_id}`; labels "
-                       f"{labels}; BentoML model `{model_tag}`.")
+        logger.info("imported %s (variant %s) as BentoML model %s", model_uri, variant.name,
+                    model_tag)
+        config = _bento_config(model_tag, settings, metadata, variant, files)
         bentofile = {
-            "service": f"{SERVICE_MODULE}:{SERVICE_CLASS}",
-            "name": bento_name,
-            "description": description,
+            "service": f"{SERVICE_MODULE}:{SERVICE_CLASS}", "name": bento_name,
+            "description": _description(name, version, alias, run_id, variant,
+                                        files["labels"], model_tag),
             "labels": str_labels,
-            "include": [f"{SERVICE_MODULE}.py", CONFIG_FILENAME],
-            "python": {"packages": _pinned_packages(), "lock_packages": False},
+            "include": [f"{SERVICE_MODULE}.py", f"{RUNTIME_MODULE}.py", CONFIG_FILENAME],
+            "python": {"packages": _pinned_packages(variant.runtime), "lock_packages": False},
         }
         try:
             with _build_context(context_dir) as ctx:
-                write_build_context(ctx, config, bentofile)
-                with _fresh_module(SERVICE_MODULE):
-                    # the same call as the `bentoml build <ctx>` CLI
-                    bento = bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"),
-                                                           build_ctx=str(ctx))
+                bento = _build_from_context(ctx, config, bentofile)
         except BaseException:
             logger.error("bento build failed; removing the BentoML model %s", model_tag)
             with contextlib.suppress(Exception):
@@ -397,15 +344,8 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
             raise
         bento_tag = str(bento.tag)
     logger.info("built bento %s", bento_tag)
-    return BuildResult(
-        bento_tag=bento_tag,
-        model_tag=model_tag,
-        model_name=name,
-        model_version=version,
-        run_id=run_id,
-        alias=alias,
-        serve_command=_serve_command(bento_tag, home),
-        labels=labels,
-        bentoml_home=str(home),
-        settings=settings.to_dict(),
-    )
+    return BuildResult(bento_tag=bento_tag, model_tag=model_tag, model_name=name,
+                       model_version=version, run_id=run_id, alias=alias,
+                       serve_command=_serve_command(bento_tag, home), labels=files["labels"],
+                       bentoml_home=str(home), settings=settings.to_dict(),
+                       variant=variant.name, runtime=variant.runtime)

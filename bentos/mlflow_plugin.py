@@ -121,6 +121,8 @@ def _describe(name: str, bentos: list[Any]) -> dict[str, Any]:
         "model_version": labels.get(LABEL_VERSION, ""),
         "run_id": labels.get(LABEL_RUN_ID, ""),
         "alias": labels.get(LABEL_ALIAS, ""),
+        "variant": (config.get("variant") or {}).get("name", "fp32"),
+        "runtime": (config.get("variant") or {}).get("runtime", "torch"),
         "model_uri": (config.get("mlflow") or {}).get("model_uri", ""),
         "url": labels.get(LABEL_URL, ""),
         "settings": config.get("settings", {}),
@@ -147,7 +149,7 @@ class BentoMLDeploymentClient(BaseDeploymentClient):
             labels[LABEL_URL] = str(plugin["url"])
         try:
             build_bento(model_uri, settings, bento_name=name, extra_labels=labels)
-        except ValueError as exc:  # a model URI that is not a registered model version
+        except ValueError as exc:  # not a registered model version; unknown/over-budget variant
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         return self.get_deployment(name)
 
@@ -318,9 +320,11 @@ and every bento/model built for it is labelled maas.deployment=<name>.
 
 Config (-C key=value): BentoSettings fields {fields};
 plus `url` (where the deployment is served; used by predict), and for run-local `host`/`port`.
+`-C variant=onnx-int8` serves that compression variant of the version (default: the version's
+chosen one, tag maas.variant); a variant outside its accuracy budget is refused.
 
   mlflow deployments create -t bentoml --name sentiment -m models:/sst2-sentiment@champion \\
-      -C max_batch_size=32 -C quantize=true
+      -C max_batch_size=32 -C variant=onnx-int8
   mlflow deployments run-local -t bentoml --name sentiment -m models:/sst2-sentiment@champion \\
       -C port=3000
   mlflow deployments predict -t bentoml --name sentiment --input-path texts.json  # needs url

@@ -53,11 +53,12 @@ def load_service(bento_tag: str, **overrides: Any):
 
     import bentoml
 
-    from bentos.build import CONFIG_FILENAME, SERVICE_MODULE, bentoml_store_scope
+    from bentos.build import CONFIG_FILENAME, RUNTIME_MODULE, SERVICE_MODULE, bentoml_store_scope
 
     with bentoml_store_scope(), tempfile.TemporaryDirectory(prefix="maas-svc-") as tmp:
         src = Path(bentoml.bentos.get(bento_tag).path) / "src"
-        shutil.copy2(src / f"{SERVICE_MODULE}.py", Path(tmp) / f"{SERVICE_MODULE}.py")
+        for module in (SERVICE_MODULE, RUNTIME_MODULE):
+            shutil.copy2(src / f"{module}.py", Path(tmp) / f"{module}.py")
         config = json.loads((src / CONFIG_FILENAME).read_text("utf-8"))
         config["settings"].update(overrides)
         (Path(tmp) / CONFIG_FILENAME).write_text(json.dumps(config), "utf-8")
@@ -70,3 +71,109 @@ def load_service(bento_tag: str, **overrides: Any):
             return module, module.TextClassifier()
         finally:
             sys.modules.pop(name, None)
+            sys.modules.pop(f"{name}_maas_runtime", None)
+
+
+# -- compression variants (the layout the pipeline's variant step writes) --------------------
+def export_onnx(model: Any, tokenizer: Any, path: str | Path) -> Path:
+    """``model`` (a transformers sequence classifier) as a single-file ONNX graph with dynamic
+    batch and sequence axes, inputs ``input_ids``, ``attention_mask``, ``token_type_ids``."""
+    import torch
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    enc = tokenizer(["a first example", "and a second, longer one"], padding=True,
+                    return_tensors="pt", return_token_type_ids=True)
+    model = model.eval()
+    with torch.no_grad():
+        torch.onnx.export(model, tuple(enc[n] for n in names), str(path), input_names=names,
+                          output_names=["logits"],
+                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
+                                        "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    return Path(path)
+
+
+def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) -> Path:
+    """Dynamic int8 quantisation of an ONNX graph (ONNX Runtime)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+    return Path(dst)
+
+
+def log_onnx_variant(onnx_path: str | Path, tokenizer: Any, variant: str,
+                     labels: tuple[str, ...] | list[str] = LABELS, max_length: int = 64) -> tuple[str, str]:
+    """Log ``onnx_path`` with ``mlflow.onnx`` (one file, no external data) in a child run of the
+    active run (or a new run), with the tokenizer files and ``maas_variant.json`` as extra files.
+    Returns ``(model_uri, run_id)``."""
+    import json
+    import tempfile
+
+    import mlflow
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="maas-variant-") as tmp:
+        tok_dir = Path(tmp) / "tok"
+        tokenizer.save_pretrained(tok_dir)
+        meta = Path(tmp) / "maas_variant.json"
+        meta.write_text(json.dumps({
+            "variant": variant, "runtime": "onnxruntime", "labels": list(labels),
+            "max_length": max_length,
+            "input_names": ["input_ids", "attention_mask", "token_type_ids"],
+            "output_name": "logits"}), "utf-8")
+        extra = [str(p) for p in sorted(tok_dir.iterdir())] + [str(meta)]
+        with mlflow.start_run(run_name=f"variant-{variant}",
+                              nested=mlflow.active_run() is not None) as run:
+            info = mlflow.onnx.log_model(onnx_model=onnx.load(str(onnx_path)), name="model",
+                                         save_as_external_data=False, extra_files=extra,
+                                         pip_requirements=["onnxruntime"])
+    return info.model_uri, run.info.run_id
+
+
+def set_variants(name: str, version: str, variants: dict[str, dict[str, Any]],
+                 chosen: str | None) -> None:
+    """Write the ``maas.variants`` (JSON) and ``maas.variant`` tags on ``models:/name/version``
+    (``chosen`` None leaves ``maas.variant`` unset, as on versions from before variants)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "maas.variants", json.dumps(variants))
+    if chosen is not None:
+        client.set_model_version_tag(name, version, "maas.variant", chosen)
+
+
+def variant_entry(runtime: str, model_uri: str, run_id: str, *, accuracy: float = 0.8,
+                  accuracy_drop: float = 0.0, max_accuracy_drop: float = 0.01,
+                  texts_per_s: float = 0.0, within_budget: bool | None = None) -> dict[str, Any]:
+    """One entry of the ``maas.variants`` tag."""
+    ok = accuracy_drop <= max_accuracy_drop if within_budget is None else within_budget
+    return {"runtime": runtime, "model_uri": model_uri, "run_id": run_id, "within_budget": ok,
+            "accuracy": accuracy, "accuracy_drop": accuracy_drop,
+            "max_accuracy_drop": max_accuracy_drop, "texts_per_s": texts_per_s}
+
+
+def add_onnx_variants(name: str, version: str, model: Any, tokenizer: Any, workdir: str | Path,
+                      *, chosen: str | None = "onnx", int8_drop: float = 0.005,
+                      max_accuracy_drop: float = 0.01) -> dict[str, dict[str, Any]]:
+    """Make ``onnx`` (fp32 graph) and ``onnx-int8`` (dynamic int8) variants of ``model``, log
+    each in its own run and tag version ``version`` with them (plus ``fp32``). The accuracy
+    figures are placeholders (``int8_drop`` for the int8 one) for tests; returns the table."""
+    from mlflow import MlflowClient
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp32_path = export_onnx(model, tokenizer, workdir / "fp32.onnx")
+    int8_path = quantize_int8(fp32_path, workdir / "int8.onnx")
+    mv = MlflowClient().get_model_version(name, version)
+    labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    table = {"fp32": variant_entry("torch", f"models:/{mv.model_id}" if getattr(
+        mv, "model_id", None) else f"models:/{name}/{version}", mv.run_id, accuracy=0.8,
+        max_accuracy_drop=max_accuracy_drop)}
+    for variant, path, drop in (("onnx", fp32_path, 0.0), ("onnx-int8", int8_path, int8_drop)):
+        uri, run_id = log_onnx_variant(path, tokenizer, variant, labels)
+        table[variant] = variant_entry("onnxruntime", uri, run_id, accuracy=0.8 - drop,
+                                       accuracy_drop=drop, max_accuracy_drop=max_accuracy_drop)
+    set_variants(name, version, table, chosen)
+    return table

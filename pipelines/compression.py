@@ -226,8 +226,8 @@ def try_build(builder: _Builder, name: str) -> Variant:
 
 def _log_variant(v: Variant, outcome: Outcome, family, tokenizer, labels: list[str],
                  max_length: int) -> None:
-    """One child run per variant: settings as params, figures as metrics, and (for a servable
-    variant other than fp32, which the registered version itself carries) its model."""
+    """One child run per variant: settings as params, figures as metrics, and its model (fp32's
+    is the registered version's own). Over-budget variants are logged as evidence, never served."""
     from mlflow import MlflowClient
 
     servable = not v.error and bool(outcome.choice.within_budget.get(v.name))
@@ -244,7 +244,7 @@ def _log_variant(v: Variant, outcome: Outcome, family, tokenizer, labels: list[s
             mlflow.log_metrics({k: float(val) for k, val in v.figures.items()
                                 if isinstance(val, (int, float))})
             mlflow.log_metric("accuracy_drop_vs_fp32", outcome.choice.drops[v.name])
-            if servable and v.name != REFERENCE:
+            if v.name != REFERENCE:  # fp32 is the registered version's own model
                 v.model_uri = (_log_onnx(v, tokenizer, labels, max_length) if v.onnx_path
                                else family.log_model(v.model, tokenizer, "model",
                                                      ["an example text"]).model_uri)

@@ -151,6 +151,7 @@ class Objective:
             data.ids(data.train), cfg.model.max_length,
             seed=cfg.tuning.sampler_seed + trial.number, epochs=cfg.tuning.max_epochs,
         )
+        mlflow.set_tag("maas.precision", getattr(trainer, "precision", "fp32"))
         labels = list(data.id2label.values())
         y_val = data.names(data.validation)
         value = float("nan")

@@ -214,6 +214,9 @@ def test_metadata(server, built, store):
     assert meta["labels"] == ["negative", "positive"]
     assert meta["bento_tag"] == result.bento_tag and meta["bento_model_tag"] == result.model_tag
     assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["quantize"] is False
+    # a version without variant tags (registered before variants) serves its fp32 model
+    assert (meta["variant"], meta["runtime"]) == ("fp32", "torch")
+    assert meta["providers"] == [] and meta["threads"] >= 1
     assert (meta["max_texts"], meta["max_chars"], meta["max_batch_size"]) == (8, 200, 16)
     assert httpx.post(server.url + "/metadata", timeout=10).json() == meta
 

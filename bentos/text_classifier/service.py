@@ -1,8 +1,10 @@
-"""BentoML 1.4 service for a transformers sequence classifier imported by ``bentos.build_bento``.
+"""BentoML 1.4 service for a text classifier imported by ``bentos.build_bento``: one compression
+variant of a registered model, run by PyTorch or ONNX Runtime (``maas_runtime.py``).
 
-This file is copied into each bento together with a ``bento_config.json`` (model tag, batching,
-limits, traffic, MLflow lineage) that is read at import time, so ``bentoml serve <bento_tag>`` needs
-no environment variables. It must stay self-contained: the bento holds only this file.
+This file is copied into each bento together with ``maas_runtime.py`` (the model runtimes, loaded
+from this file's folder) and a ``bento_config.json`` (model tag, variant, batching, limits,
+traffic, MLflow lineage) that is read at import time, so ``bentoml serve <bento_tag>`` needs no
+environment variables. Neither file imports the ``bentos`` package.
 
 Endpoints:
 - ``POST /classify``  ``{"texts": [str, ...]}`` ->
@@ -13,27 +15,26 @@ Endpoints:
   although the batcher then merges the texts of concurrent requests into model batches of at
   most ``max_batch_size`` texts (a large request is split across batches and re-assembled).
   Bad input -> 400 ``{"error": ..., "detail": [{"loc": [...], "msg": "... max_texts=64 ..."}]}``.
-- ``GET /metadata`` (also ``POST /metadata``): MLflow model name/version/run/alias, bento tag,
-  BentoML model tag, labels, device, dtype, quantisation, limits.
+- ``GET /metadata`` (also ``POST /metadata``): MLflow model name/version/run/alias, the variant
+  and its runtime, bento tag, BentoML model tag, labels, device, dtype, threads, limits.
 - built in: ``/livez``, ``/readyz``, ``/metrics`` (Prometheus; this service adds
   ``maas_classify_batch_texts``, the number of texts per model call).
 
 Security: request bodies whose content type names pickle are refused with 415 on every route
 (BentoML itself only refuses ``application/vnd.bentoml+pickle``, CVE-2025-27520/32375); the
-model is loaded from safetensors only (``use_safetensors=True``); bodies larger than the limits
-allow are refused with 413 before they are read.
+model is loaded from safetensors (``use_safetensors=True``) or a single-file ONNX graph only;
+bodies larger than the limits allow are refused with 413 before they are read.
 """
 
+import importlib.util
 import json
 import logging
-import os
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
-import torch
 from pydantic import BaseModel, BeforeValidator
 
 logger = logging.getLogger("bentoml.maas.text_classifier")
@@ -43,7 +44,8 @@ CONFIG_PATH = Path(__file__).with_name("bento_config.json")
 DEFAULT_SETTINGS: dict[str, Any] = {
     "max_batch_size": 32, "max_latency_ms": 5000, "max_texts": 64, "max_chars": 2000,
     "timeout": 30.0, "max_concurrency": 64, "workers": 1, "quantize": False,
-    "service_name": None, "max_tokens": None, "torch_threads": None,
+    "service_name": None, "max_tokens": None, "torch_threads": None, "variant": None,
+    "forward_batch_size": 4,
 }
 #: refused with 415 on every route (any media type naming pickle is refused as well)
 PICKLE_MEDIA_TYPES = frozenset({
@@ -56,14 +58,28 @@ JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
 
 def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
     config: dict[str, Any] = {"model_tag": None, "settings": dict(DEFAULT_SETTINGS),
-                              "mlflow": {}, "labels": []}
+                              "mlflow": {}, "labels": [], "variant": {}}
     if path.is_file():
         data = json.loads(path.read_text("utf-8"))
         config["model_tag"] = data.get("model_tag")
         config["settings"].update(data.get("settings") or {})
         config["mlflow"] = data.get("mlflow") or {}
         config["labels"] = data.get("labels") or []
+        config["variant"] = data.get("variant") or {}
     return config
+
+
+def _load_runtime_module() -> Any:
+    """``maas_runtime.py`` from this file's folder (the bento's ``src/``), whatever ``sys.path``
+    holds, cached per service module."""
+    name = f"{__name__}_maas_runtime"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("maas_runtime.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 CONFIG = load_config()
@@ -75,30 +91,21 @@ MAX_BATCH_SIZE = int(SETTINGS["max_batch_size"])
 MAX_LATENCY_MS = int(SETTINGS["max_latency_ms"])
 WORKERS = int(SETTINGS["workers"])
 SERVICE_NAME = SETTINGS.get("service_name") or "TextClassifier"
+VARIANT: dict[str, Any] = CONFIG["variant"]
+VARIANT_NAME = VARIANT.get("name") or "fp32"
+RUNTIME_NAME = VARIANT.get("runtime") or "torch"
+runtimes = _load_runtime_module()
 # chosen once, at import time: the resources BentoML schedules and the device the model uses
-HAS_CUDA = torch.cuda.is_available()
+HAS_GPU = runtimes.has_gpu(RUNTIME_NAME)
+HAS_CUDA = HAS_GPU  # the name older callers use
 #: the largest body a valid request can have: every character JSON-escaped as a surrogate pair
 #: (12 bytes), plus quotes/commas per text and some slack for the envelope and whitespace
 MAX_BODY_BYTES = MAX_TEXTS * (MAX_CHARS * 12 + 8) + 64 * 1024
 
 
-def _cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _default_torch_threads() -> int:
-    """Cores per worker, less one left to the event loop (HTTP, JSON, batching) when there is
-    more than one core: on a small, busy CPU box, OpenMP regions spanning every core stall
-    whenever one of their threads is descheduled (seen: 7 ms -> 380 ms batch-1 outliers with 2
-    threads on 2 cores, none with 1)."""
-    per_worker = max(1, _cpu_cores() // max(1, WORKERS))
-    return per_worker - 1 if per_worker > 1 else 1
-
-
-TORCH_THREADS = int(SETTINGS.get("torch_threads") or _default_torch_threads())
+#: model runtime CPU threads per worker (torch or ONNX Runtime intra-op)
+THREADS = int(SETTINGS.get("torch_threads") or runtimes.default_threads(WORKERS))
+TORCH_THREADS = THREADS  # the name older callers use
 
 
 # -- input validation: every message names the limit it enforces ------------------------------
@@ -229,13 +236,6 @@ def _metadata_app() -> Any:
     return Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"])])
 
 
-def _pick_device() -> tuple[torch.device, torch.dtype]:
-    if HAS_CUDA:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.device("cuda"), dtype
-    return torch.device("cpu"), torch.float32
-
-
 def _bento_tag() -> str:
     name, version = bentoml.server_context.bento_name, bentoml.server_context.bento_version
     if name and version and version != "not available":
@@ -246,7 +246,7 @@ def _bento_tag() -> str:
 @bentoml.asgi_app(_metadata_app(), path="/", name="maas_metadata")
 @bentoml.service(
     name=SERVICE_NAME,
-    resources={"gpu": 1} if HAS_CUDA else {"cpu": str(TORCH_THREADS * WORKERS)},
+    resources={"gpu": 1} if HAS_GPU else {"cpu": str(THREADS * WORKERS)},
     traffic={"timeout": float(SETTINGS["timeout"]),
              "max_concurrency": int(SETTINGS["max_concurrency"])},
     workers=WORKERS,
@@ -256,52 +256,49 @@ class TextClassifier:
         model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         if not MODEL_TAG:
             raise RuntimeError(f"no model configured ({CONFIG_PATH.name} missing): build the "
                                "bento with bentos.build_bento(...)")
         stored = self.model  # the resolved BentoML model behind the BentoModel reference
-        path = stored.path
-        self.device, self.dtype = _pick_device()
-        if self.device.type == "cpu":
-            torch.set_num_threads(TORCH_THREADS)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=self.dtype, use_safetensors=True)
+        self.runtime = runtimes.load_runtime(VARIANT, stored.path, SETTINGS,
+                                             CONFIG["labels"], THREADS)
+        self.labels = self.runtime.labels
+        self.max_tokens = self.runtime.max_tokens
         self.batch_texts = _batch_histogram()
-        self.quantized = False
-        if SETTINGS.get("quantize"):
-            if self.device.type == "cpu":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    model = torch.ao.quantization.quantize_dynamic(
-                        model, {torch.nn.Linear}, dtype=torch.qint8)
-                self.quantized = True
-            else:
-                logger.warning("quantize=True ignored on %s: dynamic int8 is CPU-only; "
-                               "serving in %s", self.device, self.dtype)
-        self.classifier = model.to(self.device).eval()
-        cfg = model.config
-        self.labels = [str(cfg.id2label.get(i, f"LABEL_{i}")) for i in range(cfg.num_labels)]
-        limits = [getattr(self.tokenizer, "model_max_length", None),
-                  getattr(cfg, "max_position_embeddings", None), SETTINGS.get("max_tokens")]
-        self.max_tokens = min(int(v) for v in limits if v and int(v) < 1_000_000)
-        self.info = {
+        self.info = self._describe(str(stored.info.tag))
+        _RUNTIME["metadata"] = self.info
+        logger.info("serving %s (MLflow %s v%s, bento %s) variant=%s runtime=%s device=%s "
+                    "dtype=%s threads=%s providers=%s max_batch_size=%d max_latency_ms=%d "
+                    "workers=%d", self.info["bento_model_tag"], self.info["model_name"],
+                    self.info["model_version"], self.info["bento_tag"] or "-",
+                    self.info["variant"], self.info["runtime"], self.info["device"],
+                    self.info["dtype"], self.info["threads"], self.info["providers"],
+                    MAX_BATCH_SIZE, MAX_LATENCY_MS, WORKERS)
+
+    # the torch path's attributes, for callers of the in-process service (tests, benchmark)
+    device = property(lambda self: getattr(self.runtime, "device", None))
+    dtype = property(lambda self: getattr(self.runtime, "dtype", None))
+    quantized = property(lambda self: bool(self.runtime.info["quantize"]))
+    classifier = property(lambda self: getattr(self.runtime, "model", None))
+
+    def _describe(self, bento_model_tag: str) -> dict[str, Any]:
+        mlflow_info = CONFIG["mlflow"]
+        return {
             "service": SERVICE_NAME,
-            "model_name": CONFIG["mlflow"].get("mlflow_model_name", ""),
-            "model_version": CONFIG["mlflow"].get("mlflow_version", ""),
-            "run_id": CONFIG["mlflow"].get("mlflow_run_id", ""),
-            "alias": CONFIG["mlflow"].get("alias", ""),
-            "model_uri": CONFIG["mlflow"].get("model_uri", ""),
+            "model_name": mlflow_info.get("mlflow_model_name", ""),
+            "model_version": mlflow_info.get("mlflow_version", ""),
+            "run_id": mlflow_info.get("mlflow_run_id", ""),
+            "alias": mlflow_info.get("alias", ""),
+            "model_uri": mlflow_info.get("model_uri", ""),
+            "variant": VARIANT_NAME,
+            "variant_model_uri": VARIANT.get("model_uri", ""),
+            "variant_run_id": VARIANT.get("run_id") or "",
+            "variant_accuracy": VARIANT.get("accuracy"),
+            "variant_accuracy_drop": VARIANT.get("accuracy_drop"),
             "bento_tag": _bento_tag(),
-            "bento_model_tag": str(stored.info.tag),
+            "bento_model_tag": bento_model_tag,
             "labels": self.labels,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "quantize": self.quantized,
-            "torch_threads": torch.get_num_threads(),
-            "max_tokens": self.max_tokens,
+            **self.runtime.info,
             "max_batch_size": MAX_BATCH_SIZE,
             "max_latency_ms": MAX_LATENCY_MS,
             "max_texts": MAX_TEXTS,
@@ -311,23 +308,11 @@ class TextClassifier:
             "workers": WORKERS,
             "batching": MAX_BATCH_SIZE > 1,
         }
-        _RUNTIME["metadata"] = self.info
-        logger.info("serving %s (MLflow %s v%s, bento %s) on device=%s dtype=%s quantized=%s "
-                    "torch_threads=%d max_batch_size=%d max_latency_ms=%d",
-                    self.info["bento_model_tag"], self.info["model_name"],
-                    self.info["model_version"], self.info["bento_tag"] or "-", self.device,
-                    self.info["dtype"], self.quantized, torch.get_num_threads(),
-                    MAX_BATCH_SIZE, MAX_LATENCY_MS)
 
     def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
         """One model call: tokenise the batch (padding to its longest text), softmax."""
         start = time.perf_counter()
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
-                             max_length=self.max_tokens, return_tensors="pt")
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            logits = self.classifier(**enc).logits
-        probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
+        probs = self.runtime.probabilities(list(texts))
         if self.batch_texts is not None:
             self.batch_texts.observe(len(texts))
         logger.debug("batch of %d texts in %.1f ms", len(texts),
