@@ -41,7 +41,8 @@ RUNTIME_MODULE = "maas_runtime"
 CONFIG_FILENAME = "bento_config.json"
 #: what the service imports at serving time, pinned to the versions installed here (BentoML adds
 #: its own pinned requirement, bentoml==<installed>, to every bento)
-SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pydantic")
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pydantic",
+                    "uvloop", "httptools")  # uvicorn picks these up: C event loop + HTTP parser
 #: added for ONNX Runtime variants
 ORT_PACKAGES = ("onnxruntime", "numpy")
 #: label keys written on the BentoML model and the bento
