@@ -171,8 +171,9 @@ class Int8Config(_Frozen):
 
 
 class PruningConfig(_Frozen):
-    amount: float = Field(0.5, gt=0, lt=1, description="share of prunable structure removed")
-    recovery_epochs: int = Field(1, ge=0, description="fine-tune epochs after pruning")
+    amount: float = Field(0.25, gt=0, lt=1, description="share of heads, hidden width and FFN "
+                                                         "neurons removed")
+    recovery_epochs: int = Field(2, ge=0, description="distilled fine-tune epochs after pruning")
 
 
 class CompressionConfig(_Frozen):
