@@ -148,31 +148,44 @@ def batch_metric(url: str) -> tuple[float, float]:
 
 
 def drive(srv, payloads: list[list[str]], requests: int, concurrency: int,
-          budget_s: float) -> dict[str, Any]:
-    from bentos.loadgen import run_load
-
+          budget_s: float, loadgen: str = "python", duration_s: float = 15.0) -> dict[str, Any]:
+    """One bounded load on the server: ``wrk`` for ``duration_s`` seconds, or the Python
+    generator for ``requests`` requests (capped at ``budget_s``)."""
     s0, n0 = batch_metric(srv.url)
     cpu0 = tree_cpu_s(srv.process.pid)
-    r = asyncio.run(run_load(f"{srv.url}/classify", payloads, requests=requests,
-                             concurrency=concurrency, time_budget_s=budget_s,
-                             request_timeout_s=60))
+    out = _load(srv.url, payloads, requests, concurrency, budget_s, loadgen, duration_s)
     server_cpu = tree_cpu_s(srv.process.pid) - cpu0
     s1, n1 = batch_metric(srv.url)
-    out = r.summary()
-    out.update(errors=r.requests - r.ok - r.not_sent, loadavg=os.getloadavg()[0],
+    wall, texts_ok = out["wall_s"], out.pop("texts_ok")
+    out.update(loadavg=os.getloadavg()[0],
                mean_batch=round((s1 - s0) / (n1 - n0), 2) if n1 > n0 else None,
                model_calls=int(n1 - n0), server_cpu_s=round(server_cpu, 2),
-               server_cores=round(server_cpu / r.wall_s, 2) if r.wall_s else 0.0,
-               server_cpu_ms_per_text=round(1000 * server_cpu / r.texts_ok, 2)
-               if r.texts_ok else None,
-               loadgen_cpu_ms_per_text=round(1000 * r.cpu_s / r.texts_ok, 2)
-               if r.texts_ok else None)
+               server_cores=round(server_cpu / wall, 2) if wall else 0.0,
+               server_cpu_ms_per_text=round(1000 * server_cpu / texts_ok, 2)
+               if texts_ok else None,
+               loadgen_cpu_ms_per_text=round(1000 * out["loadgen_cpu_s"] / texts_ok, 2)
+               if texts_ok else None)
     out["p99_over_p50"] = round(out["p99_ms"] / out["p50_ms"], 2) if out["p50_ms"] else None
     print(f"  c={concurrency:<3} {out['texts_per_s']:7.1f} texts/s  p50 {out['p50_ms']:7.1f} "
           f"p99 {out['p99_ms']:7.1f} ms  batch {out['mean_batch']}  cores: server "
-          f"{out['server_cores']} loadgen {out['loadgen_cores']}  {out['statuses']}",
+          f"{out['server_cores']} {loadgen} {out['loadgen_cores']}  {out['statuses']}",
           flush=True)
     return out
+
+
+def _load(url: str, payloads, requests: int, concurrency: int, budget_s: float, loadgen: str,
+          duration_s: float) -> dict[str, Any]:
+    if loadgen == "wrk":
+        from benchmarks.wrk_load import run_wrk
+
+        return run_wrk(url, payloads, concurrency=concurrency, duration_s=duration_s)
+    from bentos.loadgen import run_load
+
+    r = asyncio.run(run_load(f"{url}/classify", payloads, requests=requests,
+                             concurrency=concurrency, time_budget_s=budget_s,
+                             request_timeout_s=60))
+    return {**r.summary(), "loadgen": "python", "texts_ok": r.texts_ok,
+            "errors": r.requests - r.ok - r.not_sent}
 
 
 @contextlib.contextmanager
@@ -221,7 +234,7 @@ def search(model_uri: str, args, workdir: Path, payloads, fbs: int) -> dict[str,
         with served(model_uri, config, args, workdir, f"search{i}") as (srv, _):
             warm_up(srv, payloads)
             r = drive(srv, payloads, args.search_requests, args.search_concurrency,
-                      args.budget_s)
+                      args.budget_s, args.loadgen, args.duration_s)
         tried.append({"config": config, **r})
     ok = [t for t in tried if t["server_errors"] == 0 and (t["p99_over_p50"] or 99) <= 3]
     best = max(ok or tried, key=lambda t: t["texts_per_s"])
@@ -270,8 +283,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with served(model_uri, best, args, workdir, "final") as (srv, built):
         report["bento"] = {"tag": built.bento_tag, "settings": built.settings}
         warm_up(srv, payloads)
-        report["served"] = [drive(srv, payloads, args.requests, c, args.budget_s)
-                            for c in args.concurrency]
+        report["served"] = [drive(srv, payloads, args.requests, c, args.budget_s,
+                                  args.loadgen, args.duration_s) for c in args.concurrency]
     report["wall_s"] = round(time.perf_counter() - t_all, 1)
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["verdict"] = verdict(report)
@@ -361,6 +374,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--search-concurrency", type=int, default=32)
     p.add_argument("--config", help='skip the search: JSON such as \'{"torch_threads": 2, '
                    '"workers": 1, "max_batch_size": 32}\'')
+    p.add_argument("--loadgen", choices=["wrk", "python"], default=None,
+                   help="load generator: wrk (C; default when installed) or the Python one "
+                        "(bentos.loadgen, httpx)")
+    p.add_argument("--duration-s", type=float, default=15.0, help="seconds per wrk load")
     p.add_argument("--max-latency-ms", type=int, default=5000)
     p.add_argument("--max-concurrency", type=int, default=128)
     p.add_argument("--budget-s", type=float, default=120.0, help="time cap per load run")
@@ -371,6 +388,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.loadgen is None:
+        from benchmarks.wrk_load import available
+
+        args.loadgen = "wrk" if available() else "python"
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     if args.workdir:
         os.environ.setdefault("BENTOML_HOME", str(Path(args.workdir) / "bentoml"))

@@ -9,6 +9,7 @@ training rows). Files are plain ONNX (no external data, nothing pickled).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -63,8 +64,10 @@ def optimize(src: Path, dst: Path, config) -> dict[str, int]:
         return {}
     from onnxruntime.transformers.optimizer import optimize_model
 
-    opt = optimize_model(str(src), model_type="bert", num_heads=int(config.num_attention_heads),
-                         hidden_size=int(config.hidden_size), opt_level=1)
+    with _quiet():
+        opt = optimize_model(str(src), model_type="bert",
+                             num_heads=int(config.num_attention_heads),
+                             hidden_size=int(config.hidden_size), opt_level=1)
     opt.save_model_to_file(str(dst))
     return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
 
@@ -76,9 +79,17 @@ def quantize(src: Path, dst: Path, *, mode: str, per_channel: bool,
     from onnxruntime import quantization as q
 
     extra = {"DefaultTensorType": _DEFAULT_TENSOR_FLOAT}
-    logging.disable(logging.INFO)  # the quantiser logs every tensor at INFO on the root logger
-    try:
+    with _quiet():
         _quantize(q, src, dst, mode, per_channel, calibration, extra)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's optimizer and quantiser log every node and tensor at INFO (some on the
+    root logger): keep them out of the run's output; warnings still show."""
+    logging.disable(logging.INFO)
+    try:
+        yield
     finally:
         logging.disable(logging.NOTSET)
 
