@@ -224,6 +224,8 @@ def candidates(n_cores: int, sizes: list[int], fbs: int) -> list[dict[str, Any]]
     if n_cores > 1:
         out.append({"torch_threads": 1, "workers": n_cores, "max_batch_size": sizes[0],
                     "forward_batch_size": fbs})
+    # what BentoML's per-request access log costs (the shipped default keeps it on)
+    out.append({**out[-1], "access_log": False})
     return out
 
 
@@ -342,7 +344,8 @@ def table(report: dict[str, Any]) -> str:
     rows += [(report["search"]["best"], r) for r in report["served"]]
     for config, r in rows:
         cfg = (f"t{config.get('torch_threads')} w{config.get('workers')} "
-               f"b{config.get('max_batch_size')} f{config.get('forward_batch_size')}")
+               f"b{config.get('max_batch_size')} f{config.get('forward_batch_size')}"
+               + (" no-access-log" if config.get("access_log") is False else ""))
         lines.append(f"| {cfg} | {r['concurrency']} | {r['texts_per_s']:.1f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_over_p50']} | "
                      f"{r['mean_batch']} | {r['server_cores']} | {r['loadgen_cores']} | "

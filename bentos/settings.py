@@ -31,7 +31,8 @@ class BentoSettings:
     ``variant`` picks one of the registered version's compression variants (``maas.variants``
     tag); None serves the version's chosen one (``maas.variant`` tag, else ``fp32``).
     ``torch_threads`` is the model runtime's CPU threads per worker (torch, or ONNX Runtime's
-    intra-op pool).
+    intra-op pool). ``access_log`` turns BentoML's per-request access log on or off (the
+    Prometheus metrics at ``/metrics`` stay on either way).
     """
 
     max_batch_size: int = 32
@@ -52,6 +53,8 @@ class BentoSettings:
     #: texts per forward pass: a model call's texts are sorted by length and run in passes of
     #: at most this many, each padded to its own longest text
     forward_batch_size: int = 4
+    #: BentoML's per-request access log (one log record per request, costs CPU per request)
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_latency_ms", "max_texts", "max_chars",
@@ -68,6 +71,9 @@ class BentoSettings:
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
                 or self.timeout <= 0:
             raise ValueError(f"BentoSettings.timeout must be > 0 seconds, got {self.timeout!r}")
+        if not isinstance(self.access_log, bool):
+            raise ValueError(  # noqa: TRY004
+                f"BentoSettings.access_log must be a bool, got {self.access_log!r}")
         if not isinstance(self.quantize, bool):
             raise ValueError(  # noqa: TRY004 (callers handle ValueError for all settings)
                 f"BentoSettings.quantize must be a bool, got {self.quantize!r}")

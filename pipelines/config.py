@@ -156,6 +156,8 @@ class BentoConfig(_Frozen):
     max_concurrency: int = Field(64, ge=1)
     workers: int = Field(1, ge=1)
     quantize: bool = False
+    forward_batch_size: int = Field(4, ge=1, description="texts per forward pass in a call")
+    access_log: bool = Field(True, description="BentoML's per-request access log")
 
 
 #: the compression variants a pipeline may ask for (``fp32``, the reference, is always made)

@@ -448,7 +448,8 @@ def _package(cfg: PipelineConfig):
     settings = BentoSettings(max_batch_size=b.max_batch_size, max_latency_ms=b.max_latency_ms,
                              max_texts=b.max_texts, max_chars=b.max_chars, timeout=b.timeout,
                              max_concurrency=b.max_concurrency, workers=b.workers,
-                             quantize=b.quantize)
+                             quantize=b.quantize, forward_batch_size=b.forward_batch_size,
+                             access_log=b.access_log)
     built = build_bento(f"models:/{cfg.registry.model_name}@champion", settings)
     mlflow.set_tags({"maas.bento_tag": built.bento_tag, "maas.bento_model_tag": built.model_tag})
     return built
