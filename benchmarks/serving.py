@@ -224,8 +224,6 @@ def candidates(n_cores: int, sizes: list[int], fbs: int) -> list[dict[str, Any]]
     if n_cores > 1:
         out.append({"torch_threads": 1, "workers": n_cores, "max_batch_size": sizes[0],
                     "forward_batch_size": fbs})
-    # what BentoML's per-request access log costs (the shipped default keeps it on)
-    out.append({**out[-1], "access_log": False})
     return out
 
 

@@ -77,6 +77,20 @@ def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: s
         yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
 
 
+@pytest.fixture
+def use_module_store(request, monkeypatch):
+    """For a module whose tests share a ``store`` fixture ({"uri", "home", ...}): point the
+    tracking URI and BentoML home at it for the test that asks for ``store``."""
+    if "store" not in request.fixturenames:
+        return
+    import mlflow
+
+    s = request.getfixturevalue("store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", s["uri"])
+    monkeypatch.setenv("BENTOML_HOME", str(s["home"]))
+    mlflow.set_tracking_uri(s["uri"])
+
+
 def write_pipeline(folder: Path, checkpoint: Path, **overrides) -> Path:
     """A small, fast pipeline on the SST-2 slice with the tiny checkpoint; dotted overrides."""
     cfg = {

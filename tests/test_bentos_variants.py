@@ -98,15 +98,8 @@ def store(tmp_path_factory, sharp_checkpoint):
 
 
 @pytest.fixture(autouse=True)
-def _use_store(request, monkeypatch):
-    if "store" not in request.fixturenames:
-        return
-    import mlflow
-
-    s = request.getfixturevalue("store")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", s["uri"])
-    monkeypatch.setenv("BENTOML_HOME", str(s["home"]))
-    mlflow.set_tracking_uri(s["uri"])
+def _use_store(use_module_store):
+    """Point each test at the module's store (other modules' fixtures move the globals)."""
 
 
 @pytest.fixture(scope="module")
