@@ -26,6 +26,8 @@ tags (all values are strings):
 ``maas.decision.*``                    the gate's :class:`Decision` (see ``Decision.to_tags``)
 ``maas.promotion_attempt.<ts>-<pid>-<r>``  one JSON record per ``promote`` call on the version
 ``maas.superseded_by``                 a concurrent promotion won the alias right after this one
+``maas.variant`` / ``maas.variants``    the compression variant to serve and the variant table
+                                       (JSON), set by the pipeline at registration
 =====================================  ===========================================================
 
 Design choice for rejected challengers: ``promote(name, version, decision)`` with
@@ -71,6 +73,7 @@ TAG_ROLLED_BACK_AT = "maas.rolled_back_at"
 TAG_ROLLED_BACK_TO = "maas.rolled_back_to"
 TAG_RESTORED_AT = "maas.restored_at"
 TAG_ATTEMPT_PREFIX = "maas.promotion_attempt."
+TAG_VARIANT = "maas.variant"
 
 _AWAIT_READY_S = 300
 
@@ -396,7 +399,8 @@ def describe(name: str) -> list[dict[str, Any]]:
     version's run id), ``created_at`` (ISO UTC), ``source``, ``description``, ``metrics`` (from the
     ``maas.metric.<name>`` tags, floats), ``decision`` ("promote"/"reject"/None),
     ``decision_reason``, ``promoted_at``, ``promoted_by``, ``previous_champion``,
-    ``rolled_back_at``.
+    ``rolled_back_at``, ``variant`` (the compression variant served, ``maas.variant``; "fp32"
+    for versions registered without variants).
     """
     client = mlflow.MlflowClient()
     model = _get_model(client, name)
@@ -432,6 +436,7 @@ def describe(name: str) -> list[dict[str, Any]]:
             "promoted_by": tags.get(TAG_PROMOTED_BY),
             "previous_champion": tags.get(TAG_PREVIOUS_CHAMPION),
             "rolled_back_at": tags.get(TAG_ROLLED_BACK_AT),
+            "variant": tags.get(TAG_VARIANT) or "fp32",
         })
     return rows
 
@@ -441,7 +446,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no versions)"
     metric_names = sorted({m for r in rows for m in r.get("metrics", {})})
-    header = ["version", "aliases", "created", "run", *metric_names, "decision", "reason"]
+    header = ["version", "aliases", "created", "run", *metric_names, "variant", "decision",
+              "reason"]
     table = [header]
     for r in rows:
         reason = r.get("decision_reason") or ""
@@ -454,6 +460,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             (r.get("created_at") or "")[:19].replace("T", " "),
             (r.get("run_id") or "")[:8],
             *[_fmt_metric(metrics.get(m)) for m in metric_names],
+            r.get("variant") or "fp32",
             r.get("decision") or "-",
             reason,
         ])

@@ -62,6 +62,12 @@ def test_variants_are_child_runs_and_the_version_carries_the_choice(mlflow_store
     assert table["pruned"]["params"] < table["fp32"]["params"]
     assert table["pruned+onnx-int8"]["params"] == table["pruned"]["params"]
 
+    from registry import describe
+
+    assert describe("tiny-sentiment")[0]["variant"] == expected.chosen
+    models = CliRunner().invoke(main, ["models", "tiny-sentiment"], catch_exceptions=False)
+    assert "variant" in models.output.splitlines()[0] and expected.chosen in models.output
+
     arts = {a.path for a in client.list_artifacts(mv.run_id, "compression")}
     assert {"compression/variants.json", "compression/variants.md"} <= arts
     doc = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/compression/variants.json")
