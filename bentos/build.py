@@ -38,6 +38,8 @@ SERVICE_MODULE = "service"
 SERVICE_CLASS = "TextClassifier"
 #: the model-runtime module the service loads from beside itself (copied into every bento)
 RUNTIME_MODULE = "maas_runtime"
+#: the request-body guard middleware the service loads from beside itself (copied too)
+GUARD_MODULE = "maas_guard"
 CONFIG_FILENAME = "bento_config.json"
 #: what the service imports at serving time, pinned to the versions installed here (BentoML adds
 #: its own pinned requirement, bentoml==<installed>, to every bento)
@@ -215,7 +217,7 @@ def write_build_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, 
     """The service file, its runtime module, ``bento_config.json`` and a ``bentofile.yaml``."""
     import yaml
 
-    for module in (SERVICE_MODULE, RUNTIME_MODULE):
+    for module in (SERVICE_MODULE, RUNTIME_MODULE, GUARD_MODULE):
         shutil.copy2(SERVICE_DIR / f"{module}.py", ctx / f"{module}.py")
     (ctx / CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     (ctx / "bentofile.yaml").write_text(yaml.safe_dump(bentofile, sort_keys=False), "utf-8")
@@ -332,7 +334,8 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
             "description": _description(name, version, alias, run_id, variant,
                                         files["labels"], model_tag),
             "labels": str_labels,
-            "include": [f"{SERVICE_MODULE}.py", f"{RUNTIME_MODULE}.py", CONFIG_FILENAME],
+            "include": [f"{SERVICE_MODULE}.py", f"{RUNTIME_MODULE}.py", f"{GUARD_MODULE}.py",
+                        CONFIG_FILENAME],
             "python": {"packages": _pinned_packages(variant.runtime), "lock_packages": False},
         }
         try:

@@ -32,7 +32,8 @@ class BentoSettings:
     tag); None serves the version's chosen one (``maas.variant`` tag, else ``fp32``).
     ``torch_threads`` is the model runtime's CPU threads per worker (torch, or ONNX Runtime's
     intra-op pool). ``access_log`` turns BentoML's per-request access log on or off (the
-    Prometheus metrics at ``/metrics`` stay on either way).
+    Prometheus metrics at ``/metrics`` stay on either way). ``body_timeout_s`` is the deadline
+    for receiving a request body (408 after it).
     """
 
     max_batch_size: int = 32
@@ -55,6 +56,9 @@ class BentoSettings:
     forward_batch_size: int = 4
     #: BentoML's per-request access log (one log record per request, costs CPU per request)
     access_log: bool = True
+    #: seconds to receive a whole request body, else 408 (bounds how long a slow or stalled
+    #: body holds a ``max_concurrency`` slot; chunked bodies are also cut at the byte limit: 413)
+    body_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_latency_ms", "max_texts", "max_chars",
@@ -71,6 +75,10 @@ class BentoSettings:
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
                 or self.timeout <= 0:
             raise ValueError(f"BentoSettings.timeout must be > 0 seconds, got {self.timeout!r}")
+        if isinstance(self.body_timeout_s, bool) \
+                or not isinstance(self.body_timeout_s, (int, float)) or self.body_timeout_s <= 0:
+            raise ValueError("BentoSettings.body_timeout_s must be > 0 seconds, "
+                             f"got {self.body_timeout_s!r}")
         if not isinstance(self.access_log, bool):
             raise ValueError(  # noqa: TRY004
                 f"BentoSettings.access_log must be a bool, got {self.access_log!r}")

@@ -53,11 +53,17 @@ def load_service(bento_tag: str, **overrides: Any):
 
     import bentoml
 
-    from bentos.build import CONFIG_FILENAME, RUNTIME_MODULE, SERVICE_MODULE, bentoml_store_scope
+    from bentos.build import (
+        CONFIG_FILENAME,
+        GUARD_MODULE,
+        RUNTIME_MODULE,
+        SERVICE_MODULE,
+        bentoml_store_scope,
+    )
 
     with bentoml_store_scope(), tempfile.TemporaryDirectory(prefix="maas-svc-") as tmp:
         src = Path(bentoml.bentos.get(bento_tag).path) / "src"
-        for module in (SERVICE_MODULE, RUNTIME_MODULE):
+        for module in (SERVICE_MODULE, RUNTIME_MODULE, GUARD_MODULE):
             shutil.copy2(src / f"{module}.py", Path(tmp) / f"{module}.py")
         config = json.loads((src / CONFIG_FILENAME).read_text("utf-8"))
         config["settings"].update(overrides)
@@ -72,6 +78,7 @@ def load_service(bento_tag: str, **overrides: Any):
         finally:
             sys.modules.pop(name, None)
             sys.modules.pop(f"{name}_maas_runtime", None)
+            sys.modules.pop(f"{name}_maas_guard", None)
 
 
 # -- compression variants (the layout the pipeline's variant step writes) --------------------

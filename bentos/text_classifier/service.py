@@ -23,7 +23,9 @@ Endpoints:
 Security: request bodies whose content type names pickle are refused with 415 on every route
 (BentoML itself only refuses ``application/vnd.bentoml+pickle``, CVE-2025-27520/32375); the
 model is loaded from safetensors (``use_safetensors=True``) or a single-file ONNX graph only;
-bodies larger than the limits allow are refused with 413 before they are read.
+bodies larger than the limits allow are refused with 413 before they are read
+(``Content-Length``) or as soon as more arrived (chunked bodies), and a body not received within
+``body_timeout_s`` gets 408 (``maas_guard.py``, also copied into each bento).
 """
 
 import importlib.util
@@ -45,7 +47,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_batch_size": 32, "max_latency_ms": 5000, "max_texts": 64, "max_chars": 2000,
     "timeout": 30.0, "max_concurrency": 64, "workers": 1, "quantize": False,
     "service_name": None, "max_tokens": None, "torch_threads": None, "variant": None,
-    "forward_batch_size": 4, "access_log": True,
+    "forward_batch_size": 4, "access_log": True, "body_timeout_s": 5.0,
 }
 #: refused with 415 on every route (any media type naming pickle is refused as well)
 PICKLE_MEDIA_TYPES = frozenset({
@@ -69,13 +71,13 @@ def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
     return config
 
 
-def _load_runtime_module() -> Any:
-    """``maas_runtime.py`` from this file's folder (the bento's ``src/``), whatever ``sys.path``
-    holds, cached per service module."""
-    name = f"{__name__}_maas_runtime"
+def _load_runtime_module(stem: str = "maas_runtime") -> Any:
+    """``<stem>.py`` (``maas_runtime``, ``maas_guard``) from this file's folder (the bento's
+    ``src/``), whatever ``sys.path`` holds, cached per service module."""
+    name = f"{__name__}_{stem}"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("maas_runtime.py"))
+            name, Path(__file__).with_name(f"{stem}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -95,12 +97,15 @@ VARIANT: dict[str, Any] = CONFIG["variant"]
 VARIANT_NAME = VARIANT.get("name") or "fp32"
 RUNTIME_NAME = VARIANT.get("runtime") or "torch"
 runtimes = _load_runtime_module()
+guard = _load_runtime_module("maas_guard")
 # chosen once, at import time: the resources BentoML schedules and the device the model uses
 HAS_GPU = runtimes.has_gpu(RUNTIME_NAME)
 HAS_CUDA = HAS_GPU  # the name older callers use
 #: the largest body a valid request can have: every character JSON-escaped as a surrogate pair
 #: (12 bytes), plus quotes/commas per text and some slack for the envelope and whitespace
 MAX_BODY_BYTES = MAX_TEXTS * (MAX_CHARS * 12 + 8) + 64 * 1024
+#: seconds to receive a whole request body (then 408); bounds how long a slow body holds a slot
+BODY_TIMEOUT_S = float(SETTINGS.get("body_timeout_s") or DEFAULT_SETTINGS["body_timeout_s"])
 
 
 #: model runtime CPU threads per worker (torch or ONNX Runtime intra-op)
@@ -344,3 +349,6 @@ class TextClassifier:
 
 
 TextClassifier.add_asgi_middleware(RequestGuardMiddleware)
+# added after, so it runs inside RequestGuardMiddleware: 415s and Content-Length 413s come first
+TextClassifier.add_asgi_middleware(guard.BodyGuardMiddleware, max_bytes=MAX_BODY_BYTES,
+                                   timeout_s=BODY_TIMEOUT_S)
