@@ -1,7 +1,8 @@
 """The ``maas`` command. One command = one function; handlers and library verbosity are set here.
 
 Exit codes: 0 ok, 1 unexpected error, 2 bad config or arguments, 3 bad data (incl. the GX gate),
-4 registry refused (unknown model/version, nothing to roll back to).
+4 registry refused (unknown model/version, nothing to roll back to, permission denied on the
+tracking server), 5 already running. Every message is passed through ``pipelines.redact``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    from pipelines.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # credentials never reach the terminal/log
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     quiet = logging.INFO if verbose else logging.WARNING
     for name in ("mlflow", "optuna", "great_expectations", "bentoml", "alembic", "urllib3",
                  "httpx", "matplotlib", "PIL", "filelock", "huggingface_hub"):
@@ -51,29 +57,38 @@ def _errors(fn):
         from pipelines.config import ConfigError
         from pipelines.data import DataError
         from pipelines.families.text_classifier import CheckpointError
-        from pipelines.run import RunInProgress, ValidationFailed
+        from pipelines.run import (RunInProgress, TrackingPermissionDenied, ValidationFailed,
+                                   is_permission_error)
         from validation import SuiteError, UnknownSuiteError
 
         try:
             return fn(*args, **kwargs)
         except (ConfigError, CheckpointError, SuiteError, UnknownSuiteError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_CONFIG)
+            _fail(exc, EXIT_CONFIG)
         except (DataError, ValidationFailed) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_DATA)
+            _fail(exc, EXIT_DATA)
         except RunInProgress as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_BUSY)
+            _fail(exc, EXIT_BUSY)
+        except TrackingPermissionDenied as exc:
+            _fail(exc, EXIT_REGISTRY)
         except Exception as exc:
             from registry import RegistryError
 
             if isinstance(exc, RegistryError):
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(EXIT_REGISTRY)
+                _fail(exc, EXIT_REGISTRY)
+            if is_permission_error(exc):
+                _fail(f"permission denied on the tracking server: {exc}", EXIT_REGISTRY)
             raise
 
     return wrapper
+
+
+def _fail(exc: object, code: int) -> None:
+    """Print ``error: <message>`` (credentials masked) and exit with ``code``."""
+    from pipelines.redact import redact
+
+    click.echo(f"error: {redact(str(exc))}", err=True)
+    sys.exit(code)
 
 
 def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -86,7 +101,12 @@ def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE (e.g. tuning.n_trials=1)")
         k, v = pair.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--set {k.strip()}: cannot parse the value {v!r} ({problem}); "
+                              "quote it or fix the YAML (e.g. a list is [1, 2])") from None
     return out
 
 
@@ -133,17 +153,19 @@ def run(pipeline: Path | None, overrides: tuple[str, ...], no_build: bool, stora
             result = run_pipeline(cfg, trigger=trigger, storage=storage, build=not no_build,
                                   resume=not no_resume)
     except PipelineBusy as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_BUSY)
+        _fail(exc, EXIT_BUSY)
     click.echo(_summary(result))
 
 
 def _summary(r) -> str:
+    from pipelines.redact import redact
+
     lines = [
         "",
         f"MaaS pipeline {r.pipeline!r} finished in {r.seconds:.0f} s"
         + (" (resumed run)" if r.resumed else ""),
-        f"  MLflow run        {r.run_id}  (tracking: {r.tracking_uri}; `mlflow ui` to browse)",
+        f"  MLflow run        {r.run_id}  (tracking: {redact(r.tracking_uri)}; "
+        "`mlflow ui` to browse)",
         f"  data sha256       {r.data_fingerprint[:16]}...  validation: "
         f"{'passed' if r.validation_success else 'FAILED'}",
         f"  Optuna study      {r.study_name}  best trial #{r.best_trial} {r.best_params}",
@@ -160,7 +182,7 @@ def _summary(r) -> str:
     elif r.champion_version:
         lines += [f"  bento             not rebuilt (champion unchanged); "
                   f"`maas build {r.model_name}@champion` packages it"]
-    return "\n".join(lines)
+    return redact("\n".join(lines))
 
 
 @main.command()

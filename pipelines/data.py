@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,10 +61,27 @@ def fingerprint_files(paths: dict[str, Path]) -> str:
     return h.hexdigest()
 
 
+def _check_regular_file(path: Path, role: str) -> None:
+    """DataError unless ``path`` is a readable regular file; the message says what it is."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(f"data.{role}: file not found: {path}") from None
+    except OSError as exc:
+        raise DataError(f"data.{role}: cannot access {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"data.{role}: {path} is a directory; give the data file inside it")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                                             (stat.S_ISCHR, "character device"),
+                                             (stat.S_ISBLK, "block device")) if test(mode)),
+                    "special file")
+        raise DataError(f"data.{role}: {path} is not a regular file ({kind})")
+
+
 def read_table(path: Path, cfg: DataConfig, role: str) -> pd.DataFrame:
     """Read one file into a (text, label) frame; raises DataError naming file and column."""
-    if not path.is_file():
-        raise DataError(f"data.{role}: file not found: {path}")
+    _check_regular_file(path, role)
     fmt = cfg.format
     if fmt == "auto":
         suffix = "".join(path.suffixes[-1:]).lower()

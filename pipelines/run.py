@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -30,12 +31,28 @@ from pipelines.config import PipelineConfig
 from pipelines.data import Dataset, RawData, load_data, split_data
 from pipelines.evaluation import Evaluation, confusion_figure, evaluate_predictions
 from pipelines.families import get_family
+from pipelines.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
 
 
 class RunInProgress(RuntimeError):
     """The same pipeline on the same data is running right now in another live process."""
+
+
+class TrackingPermissionDenied(RuntimeError):
+    """The tracking server refused this user (HTTP 403 / PERMISSION_DENIED)."""
+
+
+def is_permission_error(exc: BaseException) -> bool:
+    """An MlflowException that is the tracking server's refusal (403 / PERMISSION_DENIED)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    if exc.error_code == "PERMISSION_DENIED" or exc.get_http_status_code() == 403:
+        return True
+    return "error code 403" in str(exc) or "Permission denied" in str(exc)
 
 
 class ValidationFailed(RuntimeError):
@@ -90,8 +107,17 @@ def open_experiment(cfg: PipelineConfig) -> tuple[str, str]:
     from pipelines.tuning import budget_lock
 
     uri = configure_tracking(cfg)
-    with budget_lock(uri, "maas-mlflow-schema"):
-        return uri, mlflow.set_experiment(cfg.name).experiment_id
+    try:
+        with budget_lock(uri, "maas-mlflow-schema"):
+            return uri, mlflow.set_experiment(cfg.name).experiment_id
+    except Exception as exc:
+        if not is_permission_error(exc):
+            raise
+        raise TrackingPermissionDenied(
+            f"permission denied on the tracking server {redact(uri)}: this user may not use "
+            f"experiment {cfg.name!r} (it belongs to another user, or needs a grant from its "
+            f"owner or an admin); rename the pipeline or ask for access. Server said: "
+            f"{redact(str(exc))[:500]}") from None
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -210,7 +236,7 @@ def _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id, confi
     commit = git_commit()
     if commit:
         tags["maas.git_commit"] = commit
-    result = RunResult(cfg.name, "", experiment_id, tracking_uri, resumed=resumed,
+    result = RunResult(cfg.name, "", experiment_id, redact(tracking_uri), resumed=resumed,
                        data_fingerprint=raw.fingerprint, model_name=cfg.registry.model_name)
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
                           run_name=None if resumed else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -261,14 +287,15 @@ def _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id, confi
             result.bento_tag, result.serve_command = built.bento_tag, built.serve_command
         mlflow.set_tag("maas.status", "finished")
         result.seconds = time.perf_counter() - t0
-        mlflow.log_dict(result.to_dict(), "summary.json")
+        mlflow.log_dict(redact_obj(result.to_dict()), "summary.json")
     return result
 
 
 def _log_config(cfg: PipelineConfig) -> None:
-    mlflow.log_dict(cfg.model_dump(mode="json"), "pipeline/config.json")
-    if cfg.source_file:
-        mlflow.log_artifact(str(cfg.source_file), "pipeline")
+    mlflow.log_dict(redact_obj(cfg.model_dump(mode="json")), "pipeline/config.json")
+    if cfg.source_file:  # the file as written, credentials masked
+        source = Path(cfg.source_file)
+        mlflow.log_text(redact(source.read_text()), f"pipeline/{source.name}")
     flat = {
         "model.family": cfg.model.family,
         "model.checkpoint": cfg.model.checkpoint,
@@ -294,12 +321,16 @@ def _validate(cfg: PipelineConfig, raw: RawData, resumed: bool):
             context="training",
             tags={"sha256": raw.fingerprint},
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        report = validate(frame[["text", "label"]], cfg.validation.suite,
-                          docs_dir=Path(tmp) / "data_docs")
-        mlflow.log_dict(report.to_dict(), "validation/result.json")
-        if report.docs_dir and Path(report.docs_dir).is_dir():
-            mlflow.log_artifacts(str(report.docs_dir), "validation/data_docs")
+    # under the working directory: a failed gate's printed docs path must outlive the process
+    docs = Path("maas-data-docs") / mlflow.active_run().info.run_id
+    report = validate(frame[["text", "label"]], cfg.validation.suite, docs_dir=docs)
+    mlflow.log_dict(report.to_dict(), "validation/result.json")
+    if report.docs_dir and Path(report.docs_dir).is_dir():
+        mlflow.log_artifacts(str(report.docs_dir), "validation/data_docs")
+    if report.success:  # kept (and printed) only when the gate fails
+        shutil.rmtree(docs, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            docs.parent.rmdir()  # only if now empty
     mlflow.set_tags({"maas.suite": report.suite_name,
                      "maas.suite_success": str(report.success).lower()})
     mlflow.log_metric("validation_success", float(report.success))

@@ -14,7 +14,6 @@ import gc
 import hashlib
 import logging
 import os
-import re
 import socket
 import tempfile
 import time
@@ -98,8 +97,10 @@ def suggest(trial: optuna.Trial, cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def safe_url(url: str) -> str:
-    """A storage URL with its password masked, for logging."""
-    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url)
+    """A storage URL with its credentials masked (see :func:`pipelines.redact.redact`)."""
+    from pipelines.redact import redact
+
+    return redact(url)
 
 
 @dataclass
@@ -225,7 +226,7 @@ def _db_lock(url: str, key: str, *, wait: bool) -> Iterator[None]:
     elif url.startswith("sqlite:///"):
         import fcntl
 
-        db = Path(url[len("sqlite:///"):])
+        db = Path(url[len("sqlite:///"):].split("?", 1)[0])  # the query may carry credentials
         with open(db.with_name(f"{db.name}.{digest.hex()[:16]}.lock"), "a") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)

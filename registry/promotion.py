@@ -317,7 +317,7 @@ def _promotion_lock(name: str):
         import fcntl
         from pathlib import Path
 
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])  # the query may carry credentials
         with open(db.with_name(f"{db.name}.promote-{key.hex()[:12]}.lock"), "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
