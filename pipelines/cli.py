@@ -39,6 +39,7 @@ def _setup_logging(verbose: bool) -> None:
     for handler in logging.getLogger().handlers:  # credentials never reach the terminal/log
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+    sys.excepthook = _redacting_excepthook
     quiet = logging.INFO if verbose else logging.WARNING
     for name in ("mlflow", "optuna", "great_expectations", "bentoml", "alembic", "urllib3",
                  "httpx", "matplotlib", "PIL", "filelock", "huggingface_hub"):
@@ -81,6 +82,15 @@ def _errors(fn):
             raise
 
     return wrapper
+
+
+def _redacting_excepthook(kind, value, tb) -> None:
+    """Unexpected errors still show their traceback (exit 1), with credentials masked."""
+    import traceback
+
+    from pipelines.redact import redact
+
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))
 
 
 def _fail(exc: object, code: int) -> None:

@@ -214,3 +214,18 @@ def test_other_users_experiment_is_permission_denied_exit_4(auth_server, tmp_pat
     assert proc.returncode == 4, out[-3000:]
     assert "permission denied on the tracking server" in out and experiment in out
     assert "Traceback" not in out and "CANARY6" not in out
+
+
+def test_unexpected_error_traceback_is_redacted():
+    """A crash outside the mapped errors still prints its traceback (exit 1), credentials
+    masked: the CLI installs a redacting excepthook in a real process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines.cli import _setup_logging; _setup_logging(False); "
+            "raise RuntimeError('cannot reach postgresql://u:CANARY9@db/x?token=CANARY9')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "RuntimeError" in proc.stderr
+    assert "CANARY9" not in proc.stderr
