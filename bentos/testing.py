@@ -184,3 +184,28 @@ def add_onnx_variants(name: str, version: str, model: Any, tokenizer: Any, workd
                                        accuracy_drop=drop, max_accuracy_drop=max_accuracy_drop)
     set_variants(name, version, table, chosen)
     return table
+
+
+def serve_registered(store: dict[str, Any], model_name: str, settings: Any, log_name: str):
+    """Build ``models:/<model_name>@champion`` of a test store ({"uri", "home", "root"}) with
+    ``settings`` and return the (not yet entered) ``serve_bento`` context for it."""
+    import os
+
+    import mlflow
+
+    from bentos.build import build_bento
+    from bentos.server import serve_bento
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")}
+    os.environ.update(MLFLOW_TRACKING_URI=store["uri"], BENTOML_HOME=str(store["home"]))
+    try:
+        mlflow.set_tracking_uri(store["uri"])
+        built = build_bento(f"models:/{model_name}@champion", settings)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return serve_bento(built.bento_tag, bentoml_home=store["home"],
+                       log_path=Path(store["root"]) / log_name)

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bentos import BentoSettings, build_bento
+from bentos import BentoSettings
+from bentos.testing import serve_registered
 from tests.conftest import tiny_registry
 
 MODEL_NAME = "tiny-hardening"
@@ -43,17 +44,7 @@ def _use_store(use_module_store):
 
 @pytest.fixture(scope="module")
 def server(store):
-    import mlflow
-
-    from bentos.server import serve_bento
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", store["uri"])
-        mp.setenv("BENTOML_HOME", str(store["home"]))
-        mlflow.set_tracking_uri(store["uri"])
-        built = build_bento(f"models:/{MODEL_NAME}@champion", SETTINGS)
-    with serve_bento(built.bento_tag, bentoml_home=store["home"],
-                     log_path=store["root"] / "server-hardening.log") as srv:
+    with serve_registered(store, MODEL_NAME, SETTINGS, "server-hardening.log") as srv:
         yield srv
 
 

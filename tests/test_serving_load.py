@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import tiny_registry
 
-from bentos import BentoSettings, build_bento
+from bentos import BentoSettings
+from bentos.testing import serve_registered
 from bentos.loadgen import load
 
 pytestmark = pytest.mark.slow
@@ -35,17 +36,7 @@ def store(tmp_path_factory, tiny_checkpoint):
 
 
 def _serve(store, settings: BentoSettings, log_name: str):
-    import mlflow
-
-    from bentos.server import serve_bento
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", store["uri"])
-        mp.setenv("BENTOML_HOME", str(store["home"]))
-        mlflow.set_tracking_uri(store["uri"])
-        built = build_bento(f"models:/{MODEL_NAME}@champion", settings)
-    return serve_bento(built.bento_tag, bentoml_home=store["home"],
-                       log_path=store["root"] / log_name)
+    return serve_registered(store, MODEL_NAME, settings, log_name)
 
 
 def test_1000_requests_at_concurrency_64(store):
