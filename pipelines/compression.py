@@ -62,7 +62,9 @@ class Outcome:
             out[name] = {
                 "runtime": v.runtime, "model_uri": v.model_uri, "run_id": v.run_id,
                 "within_budget": bool(self.choice.within_budget.get(name)),
-                "accuracy": round(f[self.metric], 6),
+                "accuracy": round(f["accuracy"], 6),
+                # the budget is on the gate metric (promotion.metric), accuracy by default
+                "metric": self.metric, "metric_value": round(f[self.metric], 6),
                 "accuracy_drop": round(self.choice.drops[name], 6),
                 "max_accuracy_drop": self.max_drop,
                 "texts_per_s": round(f["texts_per_s"], 2),
@@ -101,9 +103,8 @@ class _Builder:
         base, _, fmt = name.partition("+") if name.startswith("pruned") else ("", "", name)
         model, extra = (self.pruned(), dict(self._pruned_details)) if base else (self.model, {})
         if fmt in ("", "fp32"):
-            v = Variant(name, "torch", TorchClassifier(model, self.tok, self.max_length),
-                        _params(model), self._torch_size(model, name), extra, model=model)
-            return v
+            return Variant(name, "torch", TorchClassifier(model, self.tok, self.max_length),
+                           _params(model), self._torch_size(model, name), extra, model=model)
         path, settings = self.onnx_graph(name, model, fmt)
         clf = ox.OrtClassifier(path, self.tok, self.max_length, self.threads,
                                ox.available_providers())

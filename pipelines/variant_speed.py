@@ -118,5 +118,5 @@ def figures(m: Measured, reference: np.ndarray, metrics: dict[str, float]) -> di
         "p50_ms_b1": m.p50_ms_b1,
         "agreement_with_fp32": agree,
         "max_abs_prob_diff_vs_fp32": float(np.abs(m.probs - reference).max()),
-        **{k: v for k, v in metrics.items()},
+        **metrics,
     }
