@@ -55,7 +55,8 @@ def test_variants_are_child_runs_and_the_version_carries_the_choice(mlflow_store
     assert mv.tags["maas.variant"] == expected.chosen
     assert f"variant           {expected.chosen}" in res.output
     assert table["fp32"]["model_uri"] == mv.tags["maas.model_uri"]
-    assert table["onnx"]["metric"] == "accuracy" and table["onnx"]["metric_value"] == table["onnx"]["accuracy"]
+    onnx = table["onnx"]
+    assert onnx["metric"] == "accuracy" and onnx["metric_value"] == onnx["accuracy"]
     assert table["onnx"]["runtime"] == table["onnx-int8"]["runtime"] == "onnxruntime"
     assert table["pruned"]["runtime"] == "torch"
     # int8 weights are about 4x smaller; the pruned model really has fewer parameters
