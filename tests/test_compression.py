@@ -5,6 +5,7 @@ variant table on the registered version, a failing variant skipped with its reas
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -85,11 +86,10 @@ def test_onnx_variant_model_matches_fp32(mlflow_store, tmp_path, tiny_checkpoint
     mv = MlflowClient().get_model_version("tiny-sentiment", "1")
     table = json.loads(mv.tags["maas.variants"])
     texts = pd.read_csv(SST2 / "test.tsv", sep="\t").sentence.tolist()[:64]
-    model, tok = load_logged(f"models:/tiny-sentiment/1")
+    model, tok = load_logged("models:/tiny-sentiment/1")
     ref = predict_proba(model, tok, texts, max_length=32, batch_size=16)
     folder = mlflow.artifacts.download_artifacts(artifact_uri=table["onnx"]["model_uri"])
-    meta = json.loads((__import__("pathlib").Path(folder) / "extra_files" /
-                       "maas_variant.json").read_text())
+    meta = json.loads((Path(folder) / "extra_files" / "maas_variant.json").read_text())
     assert meta["variant"] == "onnx" and meta["labels"] == ["negative", "positive"]
     assert mlflow.onnx.load_model(table["onnx"]["model_uri"]).graph.output[0].name == "logits"
     from transformers import AutoTokenizer
