@@ -13,6 +13,10 @@ with ``torch.cuda.synchronize()`` + ``perf_counter``:
   torch-autocast-sdpa  fp32 weights under bf16/fp16 autocast, as ``predict_proba`` runs
   ort-cuda-fp32/fp16, ort-trt-fp16   ONNX Runtime CUDA / TensorRT execution providers, only
                        when onnxruntime-gpu offers them (torch.onnx.export, opset 17, dynamo=False)
+  e2e-autocast/e2e-bf16 real SST-2 test texts (``data/sst2/test.tsv``, repeated to ``--e2e-texts``)
+                       through ``predict_proba`` (tokenizer, length-sorted batches, pad to the
+                       longest, softmax, copy back): texts/s as the pipeline and service see them;
+                       -bf16 casts the weights as the service does. No FLOP share (lengths vary).
 Training: the pipeline's own model loading (``load_for_training``: SDPA) and autocast, AdamW,
 batch ``--train-batch`` (32) at the same length, ``--train-steps`` timed steps after warm-up.
 
@@ -203,6 +207,33 @@ def ort_variants(torch, model_path: Path, args, config) -> list[dict]:
     return rows
 
 
+def end_to_end(torch, model_path: Path, args) -> list[dict]:
+    """Texts/s of ``predict_proba`` on real texts, tokenisation and host copies included."""
+    from pipelines.families import text_classifier as tc
+
+    lines = (REPO / "data" / "sst2" / "test.tsv").read_text("utf-8").splitlines()[1:]
+    base = [line.rsplit("\t", 1)[0].strip() for line in lines if "\t" in line]
+    texts = (base * (args.e2e_texts // len(base) + 1))[:args.e2e_texts]
+    model, tok = tc.load(model_path)
+    model = model.cuda()
+    tokens = sum(len(ids) for ids in tok(texts, truncation=True, max_length=args.seq_len)
+                 ["input_ids"]) / len(texts)
+    rows = []
+    for variant in ("e2e-autocast", "e2e-bf16"):  # cast last
+        if variant == "e2e-bf16":
+            model = model.to(tc.amp_dtype("cuda"))
+        for batch in args.batches:
+            def call(model=model, batch=batch):
+                tc.predict_proba(model, tok, texts, args.seq_len, batch_size=batch)
+            call()  # warm-up (also returns through numpy: every call ends synchronised)
+            start = time.perf_counter()
+            call()
+            rows.append({"variant": variant, "batch": batch, "texts": len(texts),
+                         "mean_tokens": round(tokens, 1), "s_per_batch":
+                         (time.perf_counter() - start) * batch / len(texts)})
+    return rows
+
+
 def training(torch, model_path: Path, args, config) -> dict:
     from pipelines.families.text_classifier import _autocast, amp_dtype, precision_name
 
@@ -237,6 +268,9 @@ def summarise(rows: list[dict], train: dict, flops: int, peak: float | None) -> 
             tflops = 3 * flops * r["samples_per_s"] / 1e12
         else:
             r["seq_per_s"] = r["batch"] / r["s_per_batch"]
+            if "mean_tokens" in r:  # real texts of varying length: no FLOP count
+                r["tflops"] = r["share_of_bf16_peak"] = None
+                continue
             tflops = flops * r["seq_per_s"] / 1e12
         r["tflops"] = tflops
         r["share_of_bf16_peak"] = tflops / peak if peak else None
@@ -249,6 +283,10 @@ def table(env: dict, rows: list[dict], train: dict, peak: float | None) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"{r['variant']:<22}  skipped: {r['error'][:70]}")
+            continue
+        if r["tflops"] is None:
+            lines.append(f"{r['variant']:<22}{r['batch']:>6}{r['seq_per_s']:>11.0f}"
+                         f"{'-':>9}{'-':>9}   (texts/s, {r['mean_tokens']} tokens/text)")
             continue
         share = f"{100 * r['share_of_bf16_peak']:.1f}%" if peak else "-"
         lines.append(f"{r['variant']:<22}{r['batch']:>6}{r['seq_per_s']:>11.0f}"
@@ -267,6 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", default="32,64,128,256,512")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--e2e-texts", type=int, default=8192,
+                    help="real texts per end-to-end timing (0: skip the e2e rows)")
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--train-warmup", type=int, default=10)
     ap.add_argument("--train-steps", type=int, default=50)
@@ -276,7 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.batches, args.warmup, args.iters = "32,64", 2, 5
+        args.batches, args.warmup, args.iters, args.e2e_texts = "32,64", 2, 5, 512
         args.train_warmup, args.train_steps = 2, 5
     args.batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
     return args
@@ -300,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = torch_variants(torch, args.model, args, config)
     if env["onnxruntime"] and not args.no_onnx:
         rows += ort_variants(torch, args.model, args, config)
+    if args.e2e_texts:
+        rows += end_to_end(torch, args.model, args)
     train = training(torch, args.model, args, config)
     flops = forward_flops(config, args.seq_len)
     summarise(rows, train, flops, peak)

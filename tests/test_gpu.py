@@ -173,8 +173,13 @@ def test_gpu_benchmark_quick_writes_results(tiny_checkpoint, tmp_path):
     record = json.loads(out.read_text())
     assert record["environment"]["card"] == torch.cuda.get_device_name(0)
     rows = [r for r in record["inference"] if "error" not in r]
-    assert {r["variant"] for r in rows} >= {"torch-fp32-sdpa", "torch-bf16-sdpa"}
+    assert {r["variant"] for r in rows} >= {"torch-fp32-sdpa", "torch-bf16-sdpa",
+                                            "e2e-autocast", "e2e-bf16"}
     assert {r["batch"] for r in rows} == {32, 64}
-    assert all(r["seq_per_s"] > 0 and r["tflops"] > 0 for r in rows)
+    synthetic = [r for r in rows if not r["variant"].startswith("e2e-")]
+    assert all(r["seq_per_s"] > 0 and r["tflops"] > 0 for r in synthetic)
+    e2e = [r for r in rows if r["variant"].startswith("e2e-")]
+    assert all(r["seq_per_s"] > 0 and r["tflops"] is None and r["texts"] == 512 for r in e2e)
+    assert all(1 < r["mean_tokens"] <= 128 for r in e2e)
     assert record["training"]["samples_per_s"] > 0
     assert record["training"]["precision"] in ("bf16", "fp16")
