@@ -7,7 +7,8 @@ tokenizer, or a single-file ONNX graph + tokenizer; never pickle) into a new mod
 model store, and builds a bento from the service in ``bentos/text_classifier/`` (``service.py``
 and its runtime module ``maas_runtime.py``). The service reads a ``bento_config.json`` written
 beside it in the build context (model tag, variant, batching, limits, traffic), so ``bentoml
-serve <bento_tag>`` needs no environment variables.
+serve <bento_tag>`` needs no environment variables. The version's model card (``maas.card_uri``
+tag, written by ``registry.card``) goes in as ``model_card.md``/``.json``, served at ``GET /card``.
 
 bentoml, mlflow, torch, transformers and onnx are imported inside the functions only.
 """
@@ -41,6 +42,12 @@ RUNTIME_MODULE = "maas_runtime"
 #: the request-body guard middleware the service loads from beside itself (copied too)
 GUARD_MODULE = "maas_guard"
 CONFIG_FILENAME = "bento_config.json"
+#: the version's model card inside the bento (served at GET /card); the registry's card is found
+#: through these version tags (set by registry.card.attach_card; bentos does not import registry)
+CARD_FILENAME = "model_card.md"
+CARD_JSON_FILENAME = "model_card.json"
+TAG_CARD_URI = "maas.card_uri"
+TAG_CARD_JSON_URI = "maas.card_json_uri"
 #: what the service imports at serving time, pinned to the versions installed here (BentoML adds
 #: its own pinned requirement, bentoml==<installed>, to every bento)
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pydantic",
@@ -213,13 +220,19 @@ def _build_context(context_dir: str | Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def write_build_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any]) -> None:
-    """The service file, its runtime module, ``bento_config.json`` and a ``bentofile.yaml``."""
+def write_build_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any],
+                        card: tuple[str, dict[str, Any]] | None = None) -> None:
+    """The service file, its runtime module, ``bento_config.json``, the model card (Markdown +
+    JSON, when given) and a ``bentofile.yaml``."""
     import yaml
 
     for module in (SERVICE_MODULE, RUNTIME_MODULE, GUARD_MODULE):
         shutil.copy2(SERVICE_DIR / f"{module}.py", ctx / f"{module}.py")
     (ctx / CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+    if card is not None:
+        (ctx / CARD_FILENAME).write_text(card[0], "utf-8")
+        (ctx / CARD_JSON_FILENAME).write_text(json.dumps(card[1], indent=2, sort_keys=True)
+                                              + "\n", "utf-8")
     (ctx / "bentofile.yaml").write_text(yaml.safe_dump(bentofile, sort_keys=False), "utf-8")
 
 
@@ -268,10 +281,11 @@ def _bento_config(model_tag: str, settings: BentoSettings, metadata: dict[str, A
     }
 
 
-def _build_from_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any]):
+def _build_from_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any],
+                        card: tuple[str, dict[str, Any]] | None = None):
     import bentoml
 
-    write_build_context(ctx, config, bentofile)
+    write_build_context(ctx, config, bentofile, card)
     with _fresh_module(SERVICE_MODULE, RUNTIME_MODULE):
         # the same call as the `bentoml build <ctx>` CLI
         return bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx))
@@ -287,6 +301,44 @@ def _model_metadata(mv: Any, model_uri: str, run_id: str | None, alias: str | No
             "quantize": settings.quantize,
             # BentoML metadata takes no None values
             "variant": {k: v for k, v in variant.to_dict().items() if v is not None}}
+
+
+def _bento_card(mv: Any, tags: dict[str, str], alias: str | None, variant: Variant,
+                settings: BentoSettings, model_tag: str) -> tuple[str, dict[str, Any]]:
+    """The version's model card (its ``card/`` artifacts, else its description) plus a last
+    section saying what this bento serves and its limits; the service adds the bento tag."""
+    import mlflow
+
+    name, version = mv.name, str(mv.version)
+    markdown, facts = "", {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="maas-card-") as tmp:
+            if tags.get(TAG_CARD_URI):
+                markdown = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=tags[TAG_CARD_URI], dst_path=tmp)).read_text("utf-8")
+            if tags.get(TAG_CARD_JSON_URI):
+                facts = json.loads(Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=tags[TAG_CARD_JSON_URI], dst_path=tmp)).read_text("utf-8"))
+    except Exception:  # the bento is still built: its card then says what is missing
+        logger.warning("could not fetch the model card of %s version %s", name, version,
+                       exc_info=True)
+    if not markdown:
+        markdown = (f"# Model card: {name} version {version}\n\nNo model card was recorded for "
+                    "this version (registered outside `maas run`)."
+                    + (f"\n\n{mv.description}" if getattr(mv, "description", None) else "")
+                    + "\n")
+    limits = {k: getattr(settings, k) for k in ("max_batch_size", "max_latency_ms", "max_texts",
+                                                "max_chars", "timeout", "max_concurrency",
+                                                "workers")}
+    served = {"registry_version": f"models:/{name}/{version}", "alias": alias,
+              "variant": variant.name, "runtime": variant.runtime, "bento_model_tag": model_tag,
+              "limits": limits}
+    lines = ["", "## Served by this bento", "",
+             f"- Registry version: `models:/{name}/{version}`"
+             + (f" (built from alias `{alias}`)" if alias else ""),
+             f"- Variant: `{variant.name}` ({variant.runtime}); BentoML model `{model_tag}`",
+             "- Limits: " + ", ".join(f"{k}={v}" for k, v in limits.items())]
+    return markdown.rstrip() + "\n" + "\n".join(lines) + "\n", {**facts, "served_by": served}
 
 
 def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
@@ -335,12 +387,14 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
                                         files["labels"], model_tag),
             "labels": str_labels,
             "include": [f"{SERVICE_MODULE}.py", f"{RUNTIME_MODULE}.py", f"{GUARD_MODULE}.py",
-                        CONFIG_FILENAME],
+                        CONFIG_FILENAME, CARD_FILENAME, CARD_JSON_FILENAME],
             "python": {"packages": _pinned_packages(variant.runtime), "lock_packages": False},
         }
         try:
             with _build_context(context_dir) as ctx:
-                bento = _build_from_context(ctx, config, bentofile)
+                bento = _build_from_context(ctx, config, bentofile,
+                                            _bento_card(mv, tags, alias, variant, settings,
+                                                        model_tag))
         except BaseException:
             logger.error("bento build failed; removing the BentoML model %s", model_tag)
             with contextlib.suppress(Exception):

@@ -270,18 +270,65 @@ def rollback(name: str) -> None:
     """Move the champion alias of NAME back to the previous champion."""
     from registry import rollback as do_rollback
 
-    version = do_rollback(name)
+    version = do_rollback(name, actor=f"manual:{os.environ.get('USER', 'unknown')}")
     click.echo(f"{name}@champion = version {version} (rolled back)")
 
 
 @main.command()
 @click.argument("name")
+@click.option("--history", "show_history", is_flag=True,
+              help="List every move of the champion alias instead: when, who, from -> to, why.")
 @_errors
-def models(name: str) -> None:
+def models(name: str, show_history: bool) -> None:
     """List the versions of NAME with aliases, test metrics and promotion decisions."""
-    from registry import describe, format_table
+    from registry import describe, format_history, format_table, history
 
-    click.echo(format_table(describe(name)))
+    click.echo(format_history(history(name)) if show_history else format_table(describe(name)))
+
+
+@main.command()
+@click.argument("ref", metavar="NAME@ALIAS")
+@click.option("--json", "as_json", is_flag=True, help="Print the card's JSON form instead.")
+@_errors
+def card(ref: str, as_json: bool) -> None:
+    """Print the model card of a registered version: NAME@ALIAS or NAME/VERSION
+    (e.g. `maas card sst2-sentiment@champion`), with its aliases, drift evidence and champion
+    history as the registry has them now."""
+    from registry import card_json, current_card
+
+    name, version = _resolve_ref(ref)
+    markdown, facts = current_card(name, version)
+    if as_json:
+        if facts is None:
+            _fail(f"{ref}: version {version} has no JSON model card (registered outside "
+                  "`maas run`); its description is printed without --json", EXIT_REGISTRY)
+        click.echo(card_json(facts), nl=False)
+    else:
+        click.echo(markdown or f"(version {version} of {name} has no model card)")
+
+
+def _resolve_ref(ref: str) -> tuple[str, str]:
+    """NAME@ALIAS or NAME/VERSION -> (name, version); unknown ones are a RegistryError."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.config import ConfigError
+    from registry import RegistryError
+
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        if "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            return name, str(client.get_model_version(name, version).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise RegistryError(f"{ref}: no such registered model version ({exc.message})"
+                                ) from None
+        raise
+    raise ConfigError(f"{ref!r}: expected NAME@ALIAS (or NAME/VERSION)")
 
 
 @main.command()
@@ -322,6 +369,186 @@ def build(ref: str, quantize: bool, max_batch_size: int, max_latency_ms: int,
     click.echo(f"bento {built.bento_tag} (model {built.model_name} v{built.model_version}, "
                f"variant {built.variant} on {built.runtime})\n"
                f"serve with: {built.serve_command}")
+
+
+@main.group()
+def suite() -> None:
+    """Expectation suites: draft one from a pipeline's own data (`maas suite init`)."""
+
+
+@suite.command("init")
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Suite JSON to write (default: the path the pipeline's validation.suite "
+                   "names, else <pipeline name>.suite.json beside the pipeline file).")
+@click.option("--name", help="Suite name (default: the file name without .suite.json/.json).")
+@click.option("--force", is_flag=True, help="Overwrite an existing suite file.")
+@click.option("--pii", is_flag=True, help="Add the PII checks of validation.pii on `text`.")
+@click.option("--share-tolerance", type=click.FloatRange(0, 1, max_open=True), default=0.5,
+              show_default=True, help="Each class's share may move by this fraction of its "
+                                      "observed share.")
+@_errors
+def suite_init(pipeline: Path, out: Path | None, name: str | None, force: bool, pii: bool,
+               share_tolerance: float) -> None:
+    """Draft a versioned GX suite from PIPELINE.yaml's data, taken as a trusted sample.
+
+    \b
+    Profiles exactly the rows `maas run` validates (loaded with the pipeline's own settings):
+    label set, nulls, text length bounds, duplicate rate, per-class share bounds (+ PII with
+    --pii); every expectation says why in its meta. Then checks the data passes the draft.
+    Review the bounds before trusting the suite: see docs/suites.md.
+    """
+    import json
+
+    from pipelines.config import ConfigError, PipelineConfig
+    from pipelines.data import DataError, load_data
+    from validation import ProfileError, draft_suite
+    from validation import validate as gx_validate
+
+    cfg = PipelineConfig.load(pipeline)
+    target = (out or cfg.validation.suite_path
+              or pipeline.parent / f"{cfg.name}.suite.json").expanduser().absolute()
+    if target.exists() and not force:
+        raise ConfigError(f"{target}: a suite already exists there; pass --force to overwrite "
+                          "it, or --out to write elsewhere")
+    raw = load_data(cfg.data)
+    frame = raw.all_rows[["text", "label"]]
+    suite_name = name or target.name.removesuffix(".json").removesuffix(".suite")
+    try:
+        spec = draft_suite(frame, suite_name, share_tolerance=share_tolerance, pii=pii,
+                           fingerprint=raw.fingerprint,
+                           source=", ".join(Path(f).name for f in raw.files.values()))
+    except ProfileError as exc:
+        raise DataError(str(exc)) from None
+    except ImportError as exc:  # --pii without validation.pii
+        raise ConfigError(f"--pii: {exc}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w" if force else "x", encoding="utf-8") as fh:
+        fh.write(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
+    click.echo(f"wrote suite {spec['name']!r} v{spec['meta']['version']} "
+               f"({len(spec['expectations'])} expectations from {len(frame)} rows) to {target}")
+    used = cfg.validation.suite_path
+    if used is None or used.resolve() != target.resolve():
+        rel = os.path.relpath(target, pipeline.absolute().parent)
+        click.echo(f"{pipeline} still uses suite {cfg.validation.suite!r}; to use the draft, set "
+                   f"in it:\n  validation:\n    suite: {rel}")
+    report = gx_validate(frame, target)
+    click.echo(report.summary())
+    if not report.success:
+        _fail(f"the draft fails on the data it was drafted from (see above; --pii finds personal "
+              f"data in it?): edit {target} or clean the data", EXIT_DATA)
+
+
+@main.group()
+def webhook() -> None:
+    """Champion-alias webhooks: rebuild the bento whenever NAME@champion moves.
+
+    \b
+    maas webhook serve --port 8642            the receiver (secret from $MAAS_WEBHOOK_SECRET)
+    maas webhook register NAME --url http://RECEIVER:8642/webhook
+    Needs an MLflow tracking server (>= 3.3) with a SQL backend; see docs/webhooks.md.
+    """
+
+
+_SECRET_ENV = "MAAS_WEBHOOK_SECRET"
+
+
+def _webhook_secret(secret_env: str, secret_file: Path | None) -> str:
+    """The shared secret from ``--secret-file`` or ``$secret_env`` (never printed)."""
+    from bentos.webhook_register import WebhookSetupError, check_secret
+    from pipelines.config import ConfigError
+
+    if secret_file is not None:
+        source = f"--secret-file {secret_file}"
+        try:
+            secret = secret_file.read_text("utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{source}: {exc.strerror or exc}") from None
+    else:
+        source, secret = f"${secret_env}", os.environ.get(secret_env, "").strip()
+    try:
+        return check_secret(secret, source)
+    except WebhookSetupError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _secret_options(fn):
+    fn = click.option("--secret-file", type=click.Path(path_type=Path, dir_okay=False),
+                      help="Read the shared secret from this file instead.")(fn)
+    return click.option("--secret-env", default=_SECRET_ENV, show_default=True, metavar="VAR",
+                        help="Environment variable holding the shared HMAC secret.")(fn)
+
+
+@webhook.command("register")
+@click.argument("name")
+@click.option("--url", required=True,
+              help="The receiver's URL as the tracking server reaches it, e.g. "
+                   "http://10.0.0.5:8642/webhook (?model=NAME is added).")
+@_secret_options
+@click.option("--no-test", is_flag=True, help="Skip MLflow's signed test delivery.")
+@_errors
+def webhook_register(name: str, url: str, secret_env: str, secret_file: Path | None,
+                     no_test: bool) -> None:
+    """Create (or update: never a duplicate) NAME's webhook for alias created/deleted events."""
+    from bentos.webhook_register import WebhookSetupError, register_webhook, webhook_url
+    from pipelines.config import ConfigError
+    from pipelines.redact import redact
+
+    secret = _webhook_secret(secret_env, secret_file)
+    try:
+        webhook_url(url, name)
+    except WebhookSetupError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        r = register_webhook(name, url, secret, test=not no_test)
+    except WebhookSetupError as exc:
+        _fail(exc, EXIT_REGISTRY)
+    click.echo(f"{'created' if r.created else 'updated'} webhook {r.name} ({r.webhook_id}) -> "
+               f"{redact(r.url)}; events model_version_alias.created/deleted"
+               + (f"; removed {r.removed_duplicates} duplicate(s)" if r.removed_duplicates
+                  else ""))
+    if r.test_ok:
+        click.echo(f"test delivery: answered HTTP {r.test_status}")
+    elif r.test_ok is False:
+        click.echo(f"warning: test delivery failed (HTTP {r.test_status}): "
+                   f"{redact(r.test_error or '')}; is `maas webhook serve` running there with "
+                   "the same secret?", err=True)
+
+
+@webhook.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8642, show_default=True, type=click.IntRange(1, 65535))
+@_secret_options
+@click.option("--window-s", default=300, show_default=True, type=click.IntRange(1, 86400),
+              help="Accept deliveries whose timestamp is within this many seconds of now.")
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="Only rebuild these models (repeatable; default: any model whose webhook "
+                   "points here).")
+@click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="A bento setting for the rebuilds (repeatable), e.g. --set quantize=true.")
+@_errors
+def webhook_serve(host: str, port: int, secret_env: str, secret_file: Path | None,
+                  window_s: int, models: tuple[str, ...], pairs: tuple[str, ...]) -> None:
+    """Receive MLflow alias webhooks; rebuild models:/NAME@champion when champion moves."""
+    import mlflow
+
+    from bentos import BentoSettings
+    from bentos.webhook import serve
+    from pipelines.config import ConfigError
+    from pipelines.redact import redact
+
+    secret = _webhook_secret(secret_env, secret_file)
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: expected KEY=VALUE (e.g. quantize=true)")
+    try:
+        settings = BentoSettings.from_mapping(dict(p.split("=", 1) for p in pairs))
+    except ValueError as exc:
+        raise ConfigError(f"--set: {exc}") from None
+    log.info("webhook receiver: tracking %s, BentoML home %s",
+             redact(mlflow.get_tracking_uri()), os.environ.get("BENTOML_HOME", "~/bentoml"))
+    serve(secret, host=host, port=port, window_s=window_s, settings=settings,
+          models=frozenset(models) or None)
 
 
 def _register_subcommands() -> None:

@@ -128,13 +128,12 @@ class _Builder:
 
         p = self.cfg.compression.pruning
         train = self.data.train
+        settings = p.model_dump(exclude={"amount"})
         res = prune_and_recover(self.model, self.tok, train.text.tolist(),
-                                self.data.ids(train), amount=p.amount,
-                                recovery_epochs=p.recovery_epochs,
-                                max_length=self.max_length, seed=self.cfg.tuning.sampler_seed)
+                                self.data.ids(train), max_length=self.max_length,
+                                seed=self.cfg.tuning.sampler_seed, **settings)
         self._pruned = res.model
         self._pruned_details = {
-            "pruning.amount": p.amount, "pruning.recovery_epochs": p.recovery_epochs,
             "params_before": res.params_before, "params_after": res.params_after,
             "nonembedding_params_before": res.nonembedding_before,
             "nonembedding_params_after": res.nonembedding_after,

@@ -56,7 +56,25 @@ class DataConfig(_Frozen):
 
 
 class ValidationConfig(_Frozen):
-    suite: str = "sentiment"
+    suite: str = Field("sentiment", description="a shipped suite name (validation/suites/"
+                       "NAME.json) or a path to a suite JSON, relative to the pipeline file")
+
+    @property
+    def suite_path(self) -> Path | None:
+        """``suite`` as a file path when it looks like one (ends with .json or holds a path
+        separator); None for a shipped suite name such as ``sentiment``."""
+        raw = self.suite.strip()
+        if raw.endswith(".json") or Path(raw).name != raw:
+            return Path(raw).expanduser()
+        return None
+
+    def resolved(self, base: Path) -> "ValidationConfig":
+        """A relative suite path resolved against ``base`` (the pipeline file's folder)."""
+        path = self.suite_path
+        if path is None:
+            return self
+        return self.model_copy(
+            update={"suite": str(path if path.is_absolute() else (base / path).resolve())})
 
 
 class ModelConfig(_Frozen):
@@ -136,10 +154,30 @@ class TuningConfig(_Frozen):
     fixed: dict[str, Union[int, float, str, bool]] = Field(default_factory=dict)
 
 
+class DriftConfig(_Frozen):
+    """Drift of the challenger's training data and predictions against the champion's
+    (docs/drift.md). Limits are effect sizes; a breach also needs p < alpha where a test exists."""
+
+    enabled: bool = True
+    mode: Literal["warn", "block"] = Field(
+        "warn", description="warn: record the figures only; block: a breach stops promotion")
+    alpha: float = Field(0.01, gt=0, lt=1, description="significance level of chi-square / KS")
+    max_label_tvd: float = Field(0.10, ge=0, le=1, description="training label shares (TVD)")
+    max_length_ks: float = Field(0.10, ge=0, le=1, description="text lengths (KS statistic D)")
+    max_oov_increase: float = Field(0.05, ge=0, le=1,
+                                    description="OOV rate above its no-drift expectation")
+    max_pred_label_tvd: float = Field(0.10, ge=0, le=1,
+                                      description="predicted label shares on the test set (TVD)")
+    max_disagreement: float = Field(0.20, ge=0, le=1,
+                                    description="share of test texts the two models label "
+                                                "differently")
+
+
 class PromotionConfig(_Frozen):
     metric: str = "accuracy"
     min_delta: float = Field(0.0, ge=0)
     thresholds: dict[str, float] = Field(default_factory=dict)
+    drift: DriftConfig = DriftConfig()
 
 
 class RegistryConfig(_Frozen):
@@ -173,9 +211,40 @@ class Int8Config(_Frozen):
 
 
 class PruningConfig(_Frozen):
-    amount: float = Field(0.25, gt=0, lt=1, description="share of heads, hidden width and FFN "
-                                                         "neurons removed")
+    """Structured pruning + distilled recovery (pipelines/pruning.py, docs/compression.md)."""
+
+    attention: float = Field(0.0, ge=0, lt=1, description="share of attention heads removed per "
+                             "layer; the hidden width shrinks with them (hidden = heads x size)")
+    ffn: float = Field(0.5, ge=0, lt=1, description="share of FFN neurons removed per layer")
+    amount: float | None = Field(None, gt=0, lt=1, description="shorthand (the older setting): "
+                                 "attention = ffn = amount; not together with attention/ffn")
+    steps: int = Field(1, ge=1, description="prune in this many equal steps, each recovered")
     recovery_epochs: int = Field(2, ge=0, description="distilled fine-tune epochs after pruning")
+    learning_rate: float = Field(1e-4, gt=0, description="recovery AdamW learning rate")
+    distill_alpha: float = Field(1.0, ge=0, le=1, description="weight of the teacher's soft "
+                                 "labels vs the hard labels (1 = soft only)")
+    temperature: float = Field(2.0, gt=0, description="distillation temperature")
+    distill_hidden: float = Field(10.0, ge=0, description="weight of the hidden-state MSE to the "
+                                  "teacher (used when the hidden width is kept)")
+    importance_batches: int = Field(4, ge=0, description="training batches for Taylor "
+                                    "importance (0 = all)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("amount") is not None:
+            both = sorted(k for k in ("attention", "ffn") if k in data)
+            if both:
+                raise ValueError(f"amount is a shorthand for attention and ffn: give either "
+                                 f"amount or {both}, not both")
+            data = {**data, "attention": data["amount"], "ffn": data["amount"]}
+        return data
+
+    @model_validator(mode="after")
+    def _something(self) -> "PruningConfig":
+        if self.attention == 0 and self.ffn == 0:
+            raise ValueError("attention and ffn are both 0: nothing to prune")
+        return self
 
 
 class CompressionConfig(_Frozen):
@@ -202,6 +271,25 @@ class CompressionConfig(_Frozen):
         return v
 
 
+class CardConfig(_Frozen):
+    """What the model card says that the run cannot know (all optional; see docs/model-card.md)."""
+
+    intended_use: str | None = Field(None, description="who should use the model, for what")
+    limitations: str | None = Field(None, description="known weaknesses, out-of-scope uses")
+    owners: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="people or teams answerable for the model")
+    data_license: str | None = Field(None, description="licence and citation of the data")
+    weights_license: str | None = Field(None, description="licence of the base weights")
+
+
+class PrivacyConfig(_Frozen):
+    """How raw data text may reach the tracking and artifact stores (docs/privacy.md)."""
+
+    log_text: Literal["full", "redacted", "none"] = Field(
+        "full", description="full: texts as they are; redacted: e-mails, phones, card numbers "
+                            "and IBANs masked; none: no data text at all (placeholders)")
+
+
 class PipelineConfig(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -216,6 +304,8 @@ class PipelineConfig(_Frozen):
     registry: RegistryConfig
     bento: BentoConfig = BentoConfig()
     compression: CompressionConfig = CompressionConfig()
+    card: CardConfig = CardConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     source_file: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
@@ -272,11 +362,11 @@ class PipelineConfig(_Frozen):
                 "test_path": res(self.data.test_path),
             }
         )
-        return self.model_copy(update={"data": data})
+        return self.model_copy(update={"data": data, "validation": self.validation.resolved(base)})
 
     def config_hash(self) -> str:
         """sha256 of the semantic config (resolved, canonical JSON); stable across formatting."""
-        payload = self.model_dump(mode="json", exclude={"source_file", "description"})
+        payload = self.model_dump(mode="json", exclude={"source_file", "description", "card"})
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

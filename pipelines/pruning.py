@@ -15,11 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_AMOUNT = 0.25
+DEFAULT_ATTENTION = 0.0
+DEFAULT_FFN = 0.5
+DEFAULT_STEPS = 1
 DEFAULT_RECOVERY_EPOCHS = 2
 DEFAULT_LEARNING_RATE = 1e-4
 DEFAULT_DISTILL_ALPHA = 1.0
 DEFAULT_TEMPERATURE = 2.0
+DEFAULT_DISTILL_HIDDEN = 0.0
 IMPORTANCE_BATCHES = 4
 
 
@@ -89,46 +92,52 @@ def _encode(tokenizer, texts: list[str], max_length: int, device):
                      return_tensors="pt").to(device)
 
 
-def _accumulate_gradients(model, tokenizer, texts, labels, max_length, batch_size, device) -> None:
-    """Cross-entropy gradients summed over a few training batches (for Taylor importance)."""
+def _accumulate_gradients(model, tokenizer, texts, labels, max_length, batch_size, device,
+                          batches: int) -> None:
+    """Cross-entropy gradients summed over the first ``batches`` training batches (0 = all), for
+    Taylor importance."""
     import torch
 
     model.eval()  # no dropout: the ranking should reflect the deterministic network
     model.zero_grad(set_to_none=True)
-    for idx in _batches(len(texts), batch_size)[:IMPORTANCE_BATCHES]:
+    for idx in _batches(len(texts), batch_size)[:batches or None]:
         enc = _encode(tokenizer, [texts[i] for i in idx], max_length, device)
         target = torch.tensor([labels[i] for i in idx], device=device)
         torch.nn.functional.cross_entropy(model(**enc).logits, target).backward()
 
 
-def _prune_structure(model, tokenizer, texts, labels, keep_heads: int, importance: str,
-                     max_length: int, batch_size: int, device) -> None:
-    """Remove heads/hidden width/FFN neurons in place with torch-pruning's MetaPruner."""
+def _prune_step(model, tokenizer, texts, labels, keep_heads: int, keep_ffn: int,
+                importance: str, max_length: int, batch_size: int, device,
+                importance_batches: int) -> None:
+    """One torch-pruning MetaPruner pass, in place, down to ``keep_heads`` heads per layer (and
+    hidden = kept heads x head size) and ``keep_ffn`` FFN neurons per layer."""
     import torch_pruning as tp
 
     cfg = model.config
     _, layers, classifier = _structure(model)
-    heads = cfg.num_attention_heads
-    num_heads = {}
-    for layer in layers:
-        for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
-            num_heads[lin] = heads
-    removed = (heads - keep_heads) / heads
+    heads, ffn = cfg.num_attention_heads, cfg.intermediate_size
+    if keep_heads == heads and keep_ffn == ffn:
+        return
     if importance == "taylor":
-        _accumulate_gradients(model, tokenizer, texts, labels, max_length, batch_size, device)
+        _accumulate_gradients(model, tokenizer, texts, labels, max_length, batch_size, device,
+                              importance_batches)
         imp = tp.importance.GroupTaylorImportance()
     elif importance == "magnitude":
         imp = tp.importance.GroupMagnitudeImportance(p=2)
     else:
         raise ValueError(f"importance must be 'taylor' or 'magnitude', not {importance!r}")
-    example = dict(_encode(tokenizer, texts[:2], max_length, device))
+    num_heads = {lin: heads for layer in layers for lin in
+                 (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value)}
     # torch-pruning keeps int(width * (1 - ratio)) channels and removes ceil(heads * ratio) heads:
     # a hair under the exact ratio makes both come out exact (hidden = kept heads x head size).
-    ratio = removed - 1e-6
+    head_ratio = max((heads - keep_heads) / heads - 1e-6, 0.0)
+    ffn_ratio = max((ffn - keep_ffn) / ffn - 1e-6, 0.0)
+    example = dict(_encode(tokenizer, texts[:2], max_length, device))
     pruner = tp.pruner.MetaPruner(
-        model, example, importance=imp, pruning_ratio=ratio,
-        num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=ratio, ignored_layers=[classifier],
+        model, example, importance=imp, pruning_ratio=head_ratio,
+        pruning_ratio_dict={layer.intermediate.dense: ffn_ratio for layer in layers},
+        num_heads=num_heads, prune_num_heads=head_ratio > 0, prune_head_dims=False,
+        head_pruning_ratio=head_ratio, ignored_layers=[classifier],
         output_transform=lambda out: out.logits)
     pruner.step()
     model.zero_grad(set_to_none=True)
@@ -165,42 +174,71 @@ def _teacher_logits(teacher, tokenizer, texts, max_length, batch_size, device):
     return torch.cat(out).clone()
 
 
-def _recover(model, tokenizer, texts, labels, teacher_logits, *, epochs: int, lr: float,
-             alpha: float, temperature: float, max_length: int, batch_size: int, seed: int,
-             device, progress: bool) -> list[float]:
-    """Fine-tune in place: (1-alpha)*CE(labels) + alpha*T^2*KL(teacher/T || student/T)."""
+@dataclass(frozen=True)
+class Recovery:
+    """Recovery fine-tune settings: loss = (1-alpha)*CE(labels) + alpha*T^2*KL(teacher/T ||
+    student/T) + hidden * mean over layers of the MSE between student and teacher hidden states
+    (real tokens only; used when the widths match, i.e. the attention/hidden width is kept)."""
+    epochs: int
+    lr: float
+    alpha: float
+    temperature: float
+    hidden: float
+    max_length: int
+    batch_size: int
+
+
+def _step_loss(model, teacher, enc, target, soft_logits, r: Recovery):
     import torch
     import torch.nn.functional as F
+
+    use_hidden = r.hidden > 0 and teacher is not None
+    out = model(**enc, output_hidden_states=use_hidden)
+    loss = torch.zeros((), device=out.logits.device)
+    if r.alpha < 1.0:
+        loss = loss + (1.0 - r.alpha) * F.cross_entropy(out.logits, target)
+    if r.alpha > 0.0:
+        soft = F.log_softmax(soft_logits / r.temperature, dim=-1)
+        kd = F.kl_div(F.log_softmax(out.logits / r.temperature, dim=-1), soft,
+                      reduction="batchmean", log_target=True)
+        loss = loss + r.alpha * r.temperature ** 2 * kd
+    if use_hidden:
+        with torch.no_grad():
+            ref = teacher(**enc, output_hidden_states=True).hidden_states
+        mask = enc["attention_mask"].unsqueeze(-1).to(out.logits.dtype)
+        norm = mask.sum() * out.hidden_states[0].shape[-1]
+        mse = [((s - t) ** 2 * mask).sum() / norm
+               for s, t in zip(out.hidden_states[1:], ref[1:])]
+        loss = loss + r.hidden * torch.stack(mse).mean()
+    return loss
+
+
+def _recover(model, teacher, tokenizer, texts, labels, teacher_logits, r: Recovery, *,
+             seed: int, device, progress: bool) -> list[float]:
+    """Fine-tune ``model`` in place with the :class:`Recovery` loss; mean loss per epoch."""
+    import torch
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     generator = torch.Generator().manual_seed(seed)
-    steps = math.ceil(len(texts) / batch_size) * epochs
+    steps = math.ceil(len(texts) / r.batch_size) * r.epochs
     no_decay = ("bias", "LayerNorm.weight", "layernorm", "norm")
     groups = [{"params": [p for n, p in model.named_parameters()
                           if not any(k in n for k in no_decay)], "weight_decay": 0.01},
               {"params": [p for n, p in model.named_parameters()
                           if any(k in n for k in no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = torch.optim.AdamW(groups, lr=r.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     losses = []
-    for epoch in range(epochs):
+    for epoch in range(r.epochs):
         model.train()
         total, seen = 0.0, 0
-        bar = tqdm(_batches(len(texts), batch_size, generator), desc=f"recover {epoch + 1}",
+        bar = tqdm(_batches(len(texts), r.batch_size, generator), desc=f"recover {epoch + 1}",
                    leave=False, unit="batch", disable=not progress)
         for idx in bar:
-            enc = _encode(tokenizer, [texts[i] for i in idx], max_length, device)
-            logits = model(**enc).logits
-            loss = torch.zeros((), device=device)
-            if alpha < 1.0:
-                target = torch.tensor([labels[i] for i in idx], device=device)
-                loss = loss + (1.0 - alpha) * F.cross_entropy(logits, target)
-            if alpha > 0.0:
-                soft = F.log_softmax(teacher_logits[idx].to(device) / temperature, dim=-1)
-                kd = F.kl_div(F.log_softmax(logits / temperature, dim=-1), soft,
-                              reduction="batchmean", log_target=True)
-                loss = loss + alpha * temperature ** 2 * kd
+            enc = _encode(tokenizer, [texts[i] for i in idx], r.max_length, device)
+            target = torch.tensor([labels[i] for i in idx], device=device)
+            loss = _step_loss(model, teacher, enc, target, teacher_logits[idx].to(device), r)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -213,59 +251,72 @@ def _recover(model, tokenizer, texts, labels, teacher_logits, *, epochs: int, lr
 
 
 def prune_and_recover(model, tokenizer, train_texts: list[str], train_label_ids: list[int], *,
-                      amount: float = DEFAULT_AMOUNT,
-                      recovery_epochs: int = DEFAULT_RECOVERY_EPOCHS,
+                      attention: float = DEFAULT_ATTENTION, ffn: float = DEFAULT_FFN,
+                      steps: int = DEFAULT_STEPS, recovery_epochs: int = DEFAULT_RECOVERY_EPOCHS,
                       max_length: int = 128, batch_size: int = 32,
                       learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 42,
                       progress: bool = False, distill_alpha: float = DEFAULT_DISTILL_ALPHA,
                       temperature: float = DEFAULT_TEMPERATURE,
-                      importance: str = "taylor") -> PruneResult:
+                      distill_hidden: float = DEFAULT_DISTILL_HIDDEN, importance: str = "taylor",
+                      importance_batches: int = IMPORTANCE_BATCHES) -> PruneResult:
     """Prune a copy of ``model`` (left untouched: it is the distillation teacher) and recover it.
 
-    ``amount`` is the fraction of attention heads removed in every layer, rounded to whole heads
-    (at least one head is kept and at least one removed); the same fraction is removed from the
-    hidden width (embedding dimension, residual stream, pooler: hidden = kept heads x head size)
-    and from each layer's FFN neurons. The layer count and the vocabulary are unchanged. On
-    all-MiniLM-L6-v2, amount=0.25 keeps 9 of 12 heads, hidden 288 of 384, FFN 1152 of 1536.
+    ``attention``: the share of attention heads removed in every layer, rounded to whole heads
+    (0 = none; otherwise at least one removed and one kept). BERT's config derives the head size
+    from hidden / heads, so the hidden width (embeddings, residual stream, pooler) shrinks with
+    the heads: hidden = kept heads x head size. ``ffn``: the share of each layer's FFN neurons
+    removed (0 = none); it touches nothing else. The layer count and the vocabulary are kept.
+    On all-MiniLM-L6-v2, attention=0.25 keeps 9 of 12 heads and hidden 288 of 384; ffn=0.5 keeps
+    768 of 1536 FFN neurons.
 
     Heads and channels are ranked by Taylor importance (|weight x gradient| of the cross-entropy
-    on a few training batches; ``importance="magnitude"`` uses L2 weight norms) within torch-pruning
-    groups, so coupled weights go together. Recovery: ``recovery_epochs`` of AdamW with loss
-    ``(1-distill_alpha)*CE + distill_alpha*T^2*KL`` against the input model's logits.
+    on the first ``importance_batches`` training batches, 0 = all; ``importance="magnitude"``:
+    L2 weight norms) within torch-pruning groups, so coupled weights go together. ``steps`` > 1
+    prunes iteratively: the targets are reached in equal steps, each re-ranked on the recovered
+    model and followed by its share of the ``recovery_epochs`` of AdamW on the training texts
+    with the :class:`Recovery` loss against the input model (logits, and hidden states with
+    weight ``distill_hidden`` where the widths match).
     """
     import torch
 
-    keep_heads = _check_inputs(model, train_texts, train_label_ids, amount)
+    schedule = _schedule(model, train_texts, train_label_ids, attention, ffn, steps,
+                         recovery_epochs)
     texts, labels = list(train_texts), [int(y) for y in train_label_ids]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     was_training = model.training
     before, old = count_params(model), _sizes(model)
     start = time.perf_counter()
-    teacher = copy.deepcopy(model).to(device)
+    teacher = copy.deepcopy(model).to(device).eval()
     soft = _teacher_logits(teacher, tokenizer, texts, max_length, batch_size, device)
-    del teacher
+    hidden = distill_hidden if schedule[-1][0] == model.config.num_attention_heads else 0.0
+    teacher = teacher if hidden > 0 else None  # the hidden-state loss runs it every step
     student = copy.deepcopy(model).to(device)
-    _prune_structure(student, tokenizer, texts, labels, keep_heads, importance, max_length,
-                     batch_size, device)
-    prune_s, start = time.perf_counter() - start, time.perf_counter()
-    losses = _recover(student, tokenizer, texts, labels, soft, epochs=recovery_epochs,
-                      lr=learning_rate, alpha=distill_alpha, temperature=temperature,
-                      max_length=max_length, batch_size=batch_size, seed=seed, device=device,
-                      progress=progress)
-    recover_s = time.perf_counter() - start
+    prune_s, recover_s, losses = time.perf_counter() - start, 0.0, []
+    for i, (keep_heads, keep_ffn, epochs) in enumerate(schedule):
+        start = time.perf_counter()
+        _prune_step(student, tokenizer, texts, labels, keep_heads, keep_ffn, importance,
+                    max_length, batch_size, device, importance_batches)
+        prune_s, start = prune_s + time.perf_counter() - start, time.perf_counter()
+        r = Recovery(epochs, learning_rate, distill_alpha, temperature, hidden, max_length,
+                     batch_size)
+        losses += _recover(student, teacher, tokenizer, texts, labels, soft, r, seed=seed + i,
+                           device=device, progress=progress)
+        recover_s += time.perf_counter() - start
+    del teacher
     model.train(was_training)
     student.to("cpu").eval()
     student.zero_grad(set_to_none=True)
     after, new = count_params(student), _sizes(student)
     details = {
-        "amount": amount, "importance": importance,
-        **{k: f"{old[k]}->{new[k]}" for k in old},
+        "attention": attention, "ffn": ffn, "steps": steps, "importance": importance,
+        "importance_batches": importance_batches, **{k: f"{old[k]}->{new[k]}" for k in old},
         "param_reduction": 1.0 - after[0] / before[0],
         "nonembedding_reduction": 1.0 - after[1] / before[1],
         "recovery_epochs": recovery_epochs, "recovery_loss": losses,
         "learning_rate": learning_rate, "distill_alpha": distill_alpha,
-        "temperature": temperature, "prune_seconds": prune_s, "recovery_seconds": recover_s,
+        "temperature": temperature, "distill_hidden": hidden,
+        "prune_seconds": prune_s, "recovery_seconds": recover_s,
     }
     return PruneResult(student, before[0], after[0], before[1], after[1], details)
 
@@ -275,14 +326,23 @@ def _sizes(model) -> dict[str, int]:
     return {k: int(getattr(model.config, k)) for k in keys}
 
 
-def _check_inputs(model, texts, labels, amount: float) -> int:
-    """Validate the arguments; the number of heads to keep per layer."""
-    if not 0.0 < amount < 1.0:
-        raise ValueError(f"amount must be in (0, 1), got {amount}")
+def _schedule(model, texts, labels, attention: float, ffn: float, steps: int,
+              epochs: int) -> list[tuple[int, int, int]]:
+    """Validate the arguments; per step (heads kept, FFN neurons kept, recovery epochs)."""
+    for name, share in (("attention", attention), ("ffn", ffn)):
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {share}")
+    if attention == 0.0 and ffn == 0.0:
+        raise ValueError("nothing to prune: attention and ffn are both 0")
+    if steps < 1 or epochs < 0:
+        raise ValueError(f"steps must be >= 1 and recovery_epochs >= 0, got {steps}, {epochs}")
     _structure(model)
-    heads = model.config.num_attention_heads
-    if heads < 2:
-        raise ValueError(f"cannot prune {type(model).__name__}: it has a single attention head")
+    heads, width = model.config.num_attention_heads, model.config.intermediate_size
+    if attention > 0 and heads < 2:
+        raise ValueError(f"cannot prune heads of {type(model).__name__}: it has a single one")
     if len(texts) != len(labels) or not texts:
         raise ValueError("train_texts and train_label_ids must be non-empty and the same length")
-    return min(max(round(heads * (1.0 - amount)), 1), heads - 1)
+    cut_heads = min(max(round(heads * attention), 1), heads - 1) if attention > 0 else 0
+    cut_ffn = min(max(round(width * ffn), 1), width - 1) if ffn > 0 else 0
+    return [(heads - round(cut_heads * i / steps), width - round(cut_ffn * i / steps),
+             epochs * i // steps - epochs * (i - 1) // steps) for i in range(1, steps + 1)]

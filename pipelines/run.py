@@ -1,7 +1,8 @@
 """The pipeline's steps, in order, inside one parent MLflow run; and the summary.
 
 load + fingerprint -> validate (GX gate) -> split -> tune (Optuna, nested runs) -> evaluate on test
--> register (challenger) -> champion vs challenger gate -> promote -> package (bento).
+-> register (challenger) -> champion vs challenger gate -> promote -> model card
+-> package (bento; the card then names it).
 
 Nothing after a failed step runs. A run that was killed (still RUNNING in MLflow) is resumed when the
 same pipeline runs again on the same data (same config hash and data fingerprint): same parent run,
@@ -27,6 +28,7 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow import MlflowClient
 
+from pipelines import card_facts
 from pipelines.config import PipelineConfig
 from pipelines.data import Dataset, RawData, load_data, split_data
 from pipelines.evaluation import Evaluation, confusion_figure, evaluate_predictions
@@ -256,6 +258,9 @@ def _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id, confi
             data = split_data(raw, cfg.data)
             mlflow.log_params({"n_train": len(data.train), "n_validation": len(data.validation),
                                "n_test": len(data.test), "labels": json.dumps(data.id2label)})
+            from pipelines import drift_step
+
+            drift_step.log_profile(data)  # no raw text: compared at a later run's promotion
         with step("tune"):
             study, best = _tune(cfg, data, checkpoint, run.info.run_id, experiment_id,
                                 storage_url)
@@ -277,6 +282,10 @@ def _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id, confi
         with step("promote"):
             decision = _gate(cfg, data, family, version, ev)
         result.promoted, result.decision_reason = decision.promote, decision.reason
+        with step("card"):  # the version's model card: description + card/ artifacts
+            card = card_facts.publish(cfg, run.info.run_id, version, raw=raw, data=data,
+                                      report=report, study=study, best=best, ev=ev,
+                                      decision=decision)
         from registry import champion
 
         current = champion(cfg.registry.model_name)
@@ -285,6 +294,7 @@ def _run_locked(cfg, family, checkpoint, raw, tracking_uri, experiment_id, confi
             with step("package"):
                 built = _package(cfg)
             result.bento_tag, result.serve_command = built.bento_tag, built.serve_command
+            card_facts.record_bento(cfg, run.info.run_id, version, card, built.bento_tag)
         mlflow.set_tag("maas.status", "finished")
         result.seconds = time.perf_counter() - t0
         mlflow.log_dict(redact_obj(result.to_dict()), "summary.json")
@@ -323,7 +333,8 @@ def _validate(cfg: PipelineConfig, raw: RawData, resumed: bool):
         )
     # under the working directory: a failed gate's printed docs path must outlive the process
     docs = Path("maas-data-docs") / mlflow.active_run().info.run_id
-    report = validate(frame[["text", "label"]], cfg.validation.suite, docs_dir=docs)
+    report = validate(frame[["text", "label"]], cfg.validation.suite, docs_dir=docs,
+                      examples=cfg.privacy.log_text)  # privacy: data values in report + docs
     mlflow.log_dict(report.to_dict(), "validation/result.json")
     if report.docs_dir and Path(report.docs_dir).is_dir():
         mlflow.log_artifacts(str(report.docs_dir), "validation/data_docs")
@@ -383,7 +394,9 @@ def _evaluate_best(cfg: PipelineConfig, data: Dataset, family, best):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    texts = data.test.text.tolist()
+    from validation.pii import scrub
+
+    texts = scrub(data.test.text.tolist()[:10], cfg.privacy.log_text)  # privacy.log_text
     truth = data.names(data.test)
     examples = [{"text": texts[i], "true": truth[i], "predicted": ev.predictions[i],
                  "confidence": round(ev.confidences[i], 4)} for i in range(min(10, len(texts)))]
@@ -418,8 +431,10 @@ def _register(cfg, data, family, model, tokenizer, ev, report, study, best, run_
               config_hash, commit, variants=None) -> str:
     from pipelines import compression
     from registry import register
+    from validation.pii import loggable_texts
 
-    info = family.log_model(model, tokenizer, "model", data.test.text.tolist()[:3])
+    info = family.log_model(model, tokenizer, "model",  # input example as privacy.log_text allows
+                            loggable_texts(data.test.text.tolist(), cfg.privacy.log_text, n=3))
     variant_tags = {}
     if variants is not None:  # the version carries its variants; fp32 is the version's model
         variants.variants[compression.REFERENCE].model_uri = info.model_uri
@@ -462,6 +477,11 @@ def _gate(cfg: PipelineConfig, data: Dataset, family, version: str, ev: Evaluati
         mlflow.set_tag("maas.champion_compared", str(current.version))
     decision = should_promote(ev.metrics, incumbent, cfg.promotion.metric,
                               cfg.promotion.min_delta, dict(cfg.promotion.thresholds))
+    if incumbent is not None:  # drift vs the champion: evidence tags, maybe a block
+        from pipelines import drift_step
+
+        decision = drift_step.check(cfg, data, version, current, inc.predictions,
+                                    ev.predictions, decision)
     mlflow.log_dict(decision.to_dict(), "promotion/decision.json")
     mlflow.set_tags({"maas.promoted": str(decision.promote).lower(),
                      "maas.decision_reason": decision.reason[:5000]})

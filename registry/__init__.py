@@ -1,10 +1,20 @@
 """Model registry on MLflow 3 aliases: register with lineage, gate, promote, roll back.
 
-See :mod:`registry.promotion` for the tag layout kept on each model version and
+See :mod:`registry.promotion` for the tag layout kept on each model version,
+:mod:`registry.history` for the champion alias history, :mod:`registry.card` for model cards and
 :mod:`registry.gate` for the pure gates (challenger vs champion, which variant to serve).
 """
 
-from registry.gate import REFERENCE_VARIANT, VariantChoice, choose_variant
+from registry.card import (
+    attach_card,
+    card_json,
+    current_card,
+    live_facts,
+    load_card,
+    render_card,
+)
+from registry.gate import REFERENCE_VARIANT, VariantChoice, choose_variant, with_drift
+from registry.history import format_history, history
 from registry.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -21,17 +31,26 @@ from registry.promotion import (
 
 __all__ = [
     "CHALLENGER",
-    "REFERENCE_VARIANT",
-    "VariantChoice",
-    "choose_variant",
     "CHAMPION",
+    "REFERENCE_VARIANT",
     "Decision",
     "RegistryError",
+    "VariantChoice",
+    "attach_card",
+    "card_json",
     "champion",
+    "choose_variant",
+    "current_card",
     "describe",
+    "format_history",
     "format_table",
+    "history",
+    "live_facts",
+    "load_card",
     "promote",
     "register",
+    "render_card",
     "rollback",
     "should_promote",
+    "with_drift",
 ]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 TAG_DECISION_PREFIX = "maas.decision."
 _FLOAT_TOL = 1e-12  # so that 0.85 - 0.80 counts as a delta of 0.05
@@ -110,6 +111,24 @@ def should_promote(
     return Decision(promote=promote_, reason=reason, metric=metric, candidate=cand,
                     incumbent=inc, delta=delta, min_delta=float(min_delta),
                     thresholds=thresholds, failed_thresholds=failed)
+
+
+def with_drift(decision: Decision, drift: str, *, breached: bool, block: bool) -> Decision:
+    """The gate's decision with the drift check folded in (pure).
+
+    ``drift`` is the check's one-line summary; ``breached`` whether a drift figure is over its
+    threshold; ``block`` whether a breach stops promotion (``promotion.drift.mode: block``).
+    Only a breach in block mode changes ``promote`` (to False); the summary is always appended
+    to the reason, so the decision says what the drift figures were.
+    """
+    if breached and block:
+        if decision.promote:
+            reason = f"reject: drift blocks promotion ({drift}); metrics alone: {decision.reason}"
+        else:
+            reason = f"{decision.reason}; drift blocks promotion too ({drift})"
+        return dataclasses.replace(decision, promote=False, reason=reason)
+    label = "drift warning (mode warn, not blocking)" if breached else "drift"
+    return dataclasses.replace(decision, reason=f"{decision.reason}; {label}: {drift}")
 
 
 

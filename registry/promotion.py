@@ -25,6 +25,9 @@ tags (all values are strings):
 ``maas.restored_at``                   when a rollback made the version champion again
 ``maas.decision.*``                    the gate's :class:`Decision` (see ``Decision.to_tags``)
 ``maas.promotion_attempt.<ts>-<pid>-<r>``  one JSON record per ``promote`` call on the version
+``maas.rollback.<ts>-<pid>-<r>``       one JSON record per ``rollback`` onto the version (at, actor,
+                                       from, to); ``registry.history`` reads these and
+                                       the attempts
 ``maas.superseded_by``                 a concurrent promotion won the alias right after this one
 ``maas.variant`` / ``maas.variants``    the compression variant to serve and the variant table
                                        (JSON), set by the pipeline at registration
@@ -73,6 +76,7 @@ TAG_ROLLED_BACK_AT = "maas.rolled_back_at"
 TAG_ROLLED_BACK_TO = "maas.rolled_back_to"
 TAG_RESTORED_AT = "maas.restored_at"
 TAG_ATTEMPT_PREFIX = "maas.promotion_attempt."
+TAG_ROLLBACK_PREFIX = "maas.rollback."
 TAG_VARIANT = "maas.variant"
 
 _AWAIT_READY_S = 300
@@ -284,7 +288,8 @@ def _promote_locked(client, name, version, mv, decision, actor, started, attempt
         actual = _alias_version(client, name, CHAMPION)
     outcome = "promoted" if actual == version else "superseded"
     client.set_model_version_tag(name, version, attempt_key, _json(
-        {**record, "outcome": outcome, "champion": actual, "previous": current}))
+        {**record, "outcome": outcome, "champion": actual, "previous": current,
+         "reason": None if decision is None else decision.reason}))
     if outcome == "promoted":
         logger.info("%s: %s %s -> %s (by %s)", name, CHAMPION, current, version, actor)
     else:
@@ -344,11 +349,12 @@ def _promotion_lock(name: str):
         yield
 
 
-def rollback(name: str) -> str:
+def rollback(name: str, *, actor: str = "manual") -> str:
     """Move ``champion`` back to the current champion's ``maas.previous_champion``.
 
     Repeated calls walk back the chain (v3 -> v2 -> v1). The rolled-back version gets
-    ``maas.rolled_back_at`` / ``maas.rolled_back_to``; the restored one ``maas.restored_at``.
+    ``maas.rolled_back_at`` / ``maas.rolled_back_to``; the restored one ``maas.restored_at`` and
+    a ``maas.rollback.*`` record naming ``actor``.
     Raises :class:`RegistryError` (a ValueError) if there is no champion or no previous one.
     Returns the new champion version.
     """
@@ -371,6 +377,10 @@ def rollback(name: str) -> str:
     client.set_registered_model_alias(name, CHAMPION, previous)
     _set_tags(client, name, cur_v, {TAG_ROLLED_BACK_AT: now, TAG_ROLLED_BACK_TO: previous})
     client.set_model_version_tag(name, previous, TAG_RESTORED_AT, now)
+    _try_set_tag(client, name, previous,
+                 _attempt_key(datetime.now(timezone.utc)).replace(TAG_ATTEMPT_PREFIX,
+                                                                  TAG_ROLLBACK_PREFIX),
+                 _json({"at": now, "actor": actor, "from": cur_v, "to": previous}))
     logger.warning("%s: rolled back %s from version %s to %s", name, CHAMPION, cur_v, previous)
     return previous
 

@@ -1,17 +1,18 @@
 """Shared fixtures: a tiny BERT checkpoint built from a config, an isolated MLflow SQLite store,
-an isolated BentoML home, and pipeline files written on the fly from the repo's data slice."""
+an isolated BentoML home, fresh PostgreSQL databases, the basic-auth tracking server, and the
+process-wide MLflow URIs put back after every test. Plain helper functions: tests/helpers.py."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SST2 = REPO / "data" / "sst2"
+from helpers import ADMIN_PASSWORD, Server, fresh_pg_database, mlflow_server
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,58 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MAAS_HEARTBEAT_S", "2")
+
+#: the variables ``mlflow.set_tracking_uri`` / ``set_registry_uri`` write (children inherit them)
+MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _mlflow_uris_kept() -> Iterator[None]:
+    """Put MLflow's process-wide tracking and registry URIs, and the MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI variables, back as they were before the block. mlflow is only looked
+    at once imported: a test that never imports it pays nothing."""
+    env = {k: os.environ.get(k) for k in MLFLOW_URI_ENV}
+    mlflow = sys.modules.get("mlflow")
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) if mlflow else None
+    try:
+        yield
+    finally:
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None:
+            # unset (None, as mlflow's own temporary-URI helper restores it): the URIs follow
+            # the environment again, as in a fresh process...
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+            _restore_env(env)
+            # ...unless they were pinned elsewhere before the block
+            if before is not None and mlflow.get_tracking_uri() != before[0]:
+                mlflow.set_tracking_uri(before[0])
+            if before is not None and mlflow.get_registry_uri() != before[1]:
+                mlflow.set_registry_uri(before[1])
+        _restore_env(env)  # set_*_uri write the variables
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_uris_per_module() -> Iterator[None]:
+    """Module-scoped stores (``tiny_registry``...) point MLflow at themselves: undo at the end."""
+    with _mlflow_uris_kept():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_per_test() -> Iterator[None]:
+    """No test leaves MLflow's global tracking/registry URI (or MLFLOW_TRACKING_URI) behind."""
+    with _mlflow_uris_kept():
+        yield
+
 
 
 @pytest.fixture(scope="session")
@@ -55,28 +108,6 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
         mlflow.end_run()
 
 
-@contextlib.contextmanager
-def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: str):
-    """A fresh MLflow SQLite store + BentoML home (cwd and env pointed at them) with the tiny
-    classifier registered as ``model_name@champion``; yields {root, uri, home, version}."""
-    import mlflow
-
-    from bentos.testing import load_classifier, register_classifier
-
-    root = tmp_path_factory.mktemp(prefix)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("BENTOML_HOME", str(root / "bentoml"))
-        mp.setenv("BENTOML_DO_NOT_TRACK", "True")
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment("tests")  # not an experiment id left active by an earlier test
-        model, tok = load_classifier(checkpoint)
-        version = register_classifier(model, tok, model_name)
-        yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
-
-
 @pytest.fixture
 def use_module_store(request, monkeypatch):
     """For a module whose tests share a ``store`` fixture ({"uri", "home", ...}): point the
@@ -89,74 +120,6 @@ def use_module_store(request, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", s["uri"])
     monkeypatch.setenv("BENTOML_HOME", str(s["home"]))
     mlflow.set_tracking_uri(s["uri"])
-
-
-def write_pipeline(folder: Path, checkpoint: Path, **overrides) -> Path:
-    """A small, fast pipeline on the SST-2 slice with the tiny checkpoint; dotted overrides."""
-    cfg = {
-        "name": "tiny",
-        "data": {"path": str(SST2 / "train_sample.tsv"), "format": "tsv",
-                 "text_column": "sentence", "label_column": "label",
-                 "label_names": {0: "negative", 1: "positive"}, "max_rows": 400,
-                 "split": {"validation": 0.25, "test": 0.25, "seed": 1}},
-        "validation": {"suite": "sentiment"},
-        "model": {"family": "text_classifier", "checkpoint": str(checkpoint), "max_length": 32},
-        "tuning": {"n_trials": 2, "max_epochs": 2, "sampler_seed": 7,
-                   "pruner": {"type": "median", "n_startup_trials": 1},
-                   "search_space": {"learning_rate": {"type": "float", "low": 1e-4,
-                                                      "high": 1e-3, "log": True}},
-                   "fixed": {"batch_size": 32}},
-        "metric": "accuracy",
-        "promotion": {"metric": "accuracy", "min_delta": 0.0, "thresholds": {}},
-        "registry": {"model_name": "tiny-sentiment"},
-        "bento": {"enabled": False},
-        "compression": {"enabled": False},  # tests/test_compression.py turns it on
-    }
-    for dotted, value in overrides.items():
-        node = cfg
-        keys = dotted.split("__")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    path = folder / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def _pg_available() -> bool:
-    import sqlalchemy as sa
-
-    try:
-        with sa.create_engine(PG_ADMIN).connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        return True
-    except Exception:
-        return False
-
-
-@contextlib.contextmanager
-def fresh_pg_database(prefix: str = "maas_test"):
-    """A new database on the machine's PostgreSQL (127.0.0.1:5432; .ci/run starts it when it is
-    down), dropped with FORCE afterwards; yields its URL."""
-    import uuid
-
-    import sqlalchemy as sa
-
-    if not _pg_available():
-        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (start it: see .ci/run)")
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -174,20 +137,6 @@ def pg_factory(pg_database):
     databases."""
     with contextlib.ExitStack() as stack:
         yield lambda: stack.enter_context(fresh_pg_database("maas_t"))
-
-
-def communicate_all(procs: list, timeout: float) -> list[tuple[int, str, str]]:
-    """(returncode, stdout, stderr) of each process (text pipes); leftovers are killed."""
-    out = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=timeout)
-            out.append((p.returncode, stdout, stderr))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return out
 
 
 @pytest.fixture
@@ -212,3 +161,28 @@ def small_checkpoint(tmp_path_factory) -> Path:
     BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory) -> Iterator[Server]:
+    """The basic-auth app: own admin password (``helpers.ADMIN_PASSWORD``),
+    default_permission NO_PERMISSIONS, auth DB in SQLite beside the server; tracking data on a
+    fresh PostgreSQL database."""
+    import importlib.util
+
+    if importlib.util.find_spec("flask_wtf") is None:
+        pytest.fail("the basic-auth app needs Flask-WTF: install the project with "
+                    "'mlflow[auth]' in its dependencies")
+    folder = tmp_path_factory.mktemp("mlflow-auth-server")
+    config = folder / "basic_auth.ini"
+    config.write_text(textwrap.dedent(f"""\
+        [mlflow]
+        default_permission = NO_PERMISSIONS
+        database_uri = sqlite:///{folder / 'basic_auth.db'}
+        admin_username = admin
+        admin_password = {ADMIN_PASSWORD}
+        authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+        """))
+    with (fresh_pg_database("maas_srv") as backend,
+          mlflow_server(folder, backend, auth_config=config) as srv):
+        yield srv

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests.conftest import tiny_registry
+from helpers import tiny_registry
 
 from bentos import BentoSettings, build_bento, parse_model_uri, sanitize_name
 from bentos.build import LABEL_DEPLOYMENT, LABEL_NAME, LABEL_VERSION, bentoml_store_scope
@@ -30,7 +29,6 @@ def store(tmp_path_factory, tiny_checkpoint):
     """A fresh MLflow SQLite store and BentoML home with the tiny model registered @champion."""
     with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "bentos-store") as store:
         yield store
-
 
 
 @pytest.fixture(autouse=True)
@@ -208,7 +206,9 @@ def test_metadata(server, built, store):
     assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["quantize"] is False
     # a version without variant tags (registered before variants) serves its fp32 model
     assert (meta["variant"], meta["runtime"]) == ("fp32", "torch")
-    assert meta["providers"] == [] and meta["threads"] >= 1
+    # torch_threads unset: the worker's torch uses all the cores it has (cores // workers)
+    assert meta["providers"] == [] and meta["workers"] == 1
+    assert meta["threads"] == max(1, len(os.sched_getaffinity(0)) // meta["workers"])
     assert (meta["max_texts"], meta["max_chars"], meta["max_batch_size"]) == (8, 200, 16)
     assert httpx.post(server.url + "/metadata", timeout=10).json() == meta
 
@@ -249,7 +249,10 @@ def test_quantized_service_in_process(store, built, _restore_torch_threads):
     import torch
 
     _, plain = _service_instance(built)
-    _, quant = _service_instance(built, quantize=True)
+    cores = len(os.sched_getaffinity(0))
+    assert plain.info["threads"] == cores and torch.get_num_threads() == cores  # the default
+    threads = 1 if cores != 1 else 2  # a count torch is not at now
+    _, quant = _service_instance(built, quantize=True, torch_threads=threads)
     assert quant.quantized and quant.info["quantize"] is True
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")
                for m in quant.classifier.modules())
@@ -259,7 +262,9 @@ def test_quantized_service_in_process(store, built, _restore_torch_threads):
         assert sum(y["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert y["probabilities"]["positive"] == pytest.approx(
             x["probabilities"]["positive"], abs=0.05)
-    assert plain.info["device"] == "cpu" and torch.get_num_threads() >= 1
+    assert plain.info["device"] == "cpu"
+    # torch_threads is applied: torch's (process-wide) thread count is the setting
+    assert quant.info["threads"] == threads and torch.get_num_threads() == threads
 
 
 @pytest.mark.gpu

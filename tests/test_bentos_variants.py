@@ -16,11 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import tiny_registry
 
 from bentos import BentoSettings, build_bento
 from bentos.build import LABEL_VARIANT, bentoml_store_scope
 from bentos.variants import VariantOutOfBudget, choose_variant, read_onnx_variant
-from tests.conftest import tiny_registry
 
 MODEL_NAME = "tiny-variants"
 URI = f"models:/{MODEL_NAME}@champion"

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import SST2, write_pipeline
 from mlflow import MlflowClient
 
 from pipelines.cli import main
 from registry import choose_variant
-from tests.conftest import SST2, write_pipeline
 
 VARIANTS = ["onnx", "onnx-int8", "pruned", "pruned+onnx-int8"]
 FIGURES = {"size_mb", "params", "texts_per_s", "p50_ms_b1", "accuracy", "f1_macro",

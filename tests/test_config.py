@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipelines.config import ConfigError, PipelineConfig
 
@@ -19,16 +20,19 @@ def test_shipped_pipelines_load(name):
 
 
 def test_config_hash_ignores_formatting(tmp_path):
-    src = (REPO / "pipelines" / "sentiment.yaml").read_text()
-    a = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml")
-    b_path = REPO / "pipelines" / "_tmp_hash_check.yaml"
-    try:
-        b_path.write_text("# another comment\n" + src)
-        b = PipelineConfig.load(b_path)
-    finally:
-        b_path.unlink()
+    shipped = REPO / "pipelines" / "sentiment.yaml"
+    a = PipelineConfig.load(shipped)
+    # the same config written differently, elsewhere: keys sorted, flow style, no comments, the
+    # data paths absolute instead of relative to the file
+    raw = yaml.safe_load(shipped.read_text())
+    for key in ("path", "test_path"):
+        raw["data"][key] = str((shipped.parent / raw["data"][key]).resolve())
+    b_path = tmp_path / "reformatted.yaml"
+    b_path.write_text("# another comment\n"
+                      + yaml.safe_dump(raw, sort_keys=True, default_flow_style=True))
+    b = PipelineConfig.load(b_path)
     assert a.config_hash() == b.config_hash()
-    c = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml", {"tuning.n_trials": 5})
+    c = PipelineConfig.load(shipped, {"tuning.n_trials": 5})
     assert c.config_hash() != a.config_hash()
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from helpers import write_pipeline
 from mlflow import MlflowClient
-
-from tests.conftest import write_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

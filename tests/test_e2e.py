@@ -12,9 +12,8 @@ import sys
 
 import httpx
 import pytest
+from helpers import write_pipeline
 from mlflow import MlflowClient
-
-from tests.conftest import write_pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import SST2, write_pipeline
 
 from pipelines.cli import main
 from pipelines.redact import redact
-from tests.conftest import write_pipeline
-from tests.test_tracking_server import auth_server  # noqa: F401  (fixture)
 
 
 def invoke(*args: str):
@@ -125,8 +124,6 @@ def test_data_path_directory_and_fifo(mlflow_store, tmp_path, tiny_checkpoint):
 def test_failed_gate_prints_data_docs_that_exist(mlflow_store, tmp_path, tiny_checkpoint):
     import pandas as pd
 
-    from tests.conftest import SST2
-
     df = pd.read_csv(SST2 / "train_sample.tsv", sep="\t").head(200)
     bad = tmp_path / "one_class.tsv"
     df.assign(label=0).to_csv(bad, sep="\t", index=False)
@@ -164,8 +161,8 @@ def test_open_experiment_names_the_experiment_on_403(monkeypatch):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipelines.config import PipelineConfig
     from pipelines import run as run_mod
+    from pipelines.config import PipelineConfig
 
     def refuse(name):
         raise MlflowException("failed with error code 403 != 200", error_code="PERMISSION_DENIED")
@@ -187,9 +184,8 @@ def test_other_users_experiment_is_permission_denied_exit_4(auth_server, tmp_pat
     import uuid
     from urllib.parse import urlparse
 
+    from helpers import ADMIN_PASSWORD, client_env, tracking_to
     from mlflow.server import get_app_client
-
-    from tests.test_tracking_server import ADMIN_PASSWORD, client_env, tracking_to
 
     srv = auth_server
     alice, bob = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"

@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.conftest import tiny_registry
+from helpers import tiny_registry
 from mlflow.exceptions import MlflowException
 
 MODEL_NAME = "tiny-plugin"
@@ -22,7 +21,6 @@ def store(tmp_path_factory, tiny_checkpoint):
     """A fresh MLflow SQLite store and BentoML home with the tiny model registered @champion."""
     with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "plugin-store") as store:
         yield store
-
 
 
 @pytest.fixture
@@ -42,6 +40,7 @@ def _error_code(exc: MlflowException) -> str:
 
 
 def test_target_is_registered_and_documented(client):
+    import mlflow.deployments
     from mlflow.deployments import BaseDeploymentClient
 
     from bentos import mlflow_plugin
@@ -50,7 +49,11 @@ def test_target_is_registered_and_documented(client):
     assert type(client).__name__ == "BentoMLDeploymentClient"
     help_text = mlflow_plugin.target_help()
     assert "max_batch_size" in help_text and "models:/NAME@ALIAS" in help_text
-    assert callable(mlflow_plugin.run_local)
+    # MLflow's own run_local finds the plugin's run_local through the entry point and calls it
+    # as run_local(name, model_uri, flavor, config): a bad name is refused before any build
+    with pytest.raises(MlflowException, match="not a valid BentoML name") as err:
+        mlflow.deployments.run_local("bentoml", "Bad Name", URI)
+    assert _error_code(err.value) == "INVALID_PARAMETER_VALUE"
 
 
 def test_create_list_update_predict_delete(client, store):

@@ -10,10 +10,10 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import SST2, write_pipeline
 from mlflow import MlflowClient
 
 from pipelines.cli import main
-from tests.conftest import SST2, write_pipeline
 
 
 def maas(*args: str):

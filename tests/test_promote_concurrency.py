@@ -27,8 +27,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import communicate_all, fresh_pg_database
+from helpers import communicate_all, fresh_pg_database
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 3
@@ -157,8 +156,7 @@ def test_concurrent_cli_promotions_sqlite(mlflow_store, tmp_path):
 @pytest.mark.postgres
 def test_concurrent_cli_promotions_postgres_server(tmp_path, tmp_path_factory):
     import mlflow
-
-    from tests.test_tracking_server import client_env, mlflow_server, tracking_to
+    from helpers import client_env, mlflow_server, tracking_to
 
     folder = tmp_path_factory.mktemp("promote-server")
     with fresh_pg_database("maas_srv") as backend, mlflow_server(folder, backend) as srv:

@@ -8,8 +8,7 @@ import csv
 
 import numpy as np
 import pytest
-
-from tests.conftest import SST2
+from helpers import SST2
 
 NUM_LABELS = 3  # not 2: the pruner must keep any classification head's output size
 
@@ -38,9 +37,19 @@ def pruned(teacher, data):
 
     model, tok = teacher
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = prune_and_recover(model, tok, *data, amount=0.5, recovery_epochs=2, max_length=32,
-                               batch_size=16, learning_rate=1e-3, seed=0)
+    result = prune_and_recover(model, tok, *data, attention=0.5, ffn=0.5, recovery_epochs=2,
+                               max_length=32, batch_size=16, learning_rate=1e-3, seed=0)
     return result, before
+
+
+@pytest.fixture(scope="module")
+def ffn_pruned(teacher, data):
+    """FFN neurons only (the default structure), in two steps, hidden-state distillation on."""
+    from pipelines.pruning import prune_and_recover
+
+    return prune_and_recover(teacher[0], teacher[1], *data, attention=0.0, ffn=0.5, steps=2,
+                             recovery_epochs=2, max_length=32, batch_size=16, learning_rate=1e-3,
+                             seed=0, distill_hidden=10.0)
 
 
 def _encode(tok, texts=("a gripping, funny film", "dull", "not bad at all , really")):
@@ -145,8 +154,8 @@ def test_recovery_trains(pruned, teacher, data):
     losses = result.details["recovery_loss"]
     assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] > 0
     # same seed, same pruning, no recovery: the recovered weights must differ from these
-    untrained = prune_and_recover(teacher[0], teacher[1], *data, amount=0.5, recovery_epochs=0,
-                                  max_length=32, batch_size=16, seed=0).model
+    untrained = prune_and_recover(teacher[0], teacher[1], *data, attention=0.5, ffn=0.5,
+                                  recovery_epochs=0, max_length=32, batch_size=16, seed=0).model
     assert untrained.config.hidden_size == 16
     a, b = untrained.state_dict(), result.model.state_dict()
     changed = [k for k in a if a[k].shape == b[k].shape and not torch.equal(a[k], b[k])]
@@ -163,3 +172,75 @@ def test_unsupported_architecture_is_named():
         vocab_size=100, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=16))
     with pytest.raises(ValueError, match="DistilBertForSequenceClassification"):
         prune_and_recover(model, None, ["a"], [0])
+
+
+def test_ffn_only_keeps_heads_and_hidden(ffn_pruned, teacher, tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    model, cfg = ffn_pruned.model, ffn_pruned.model.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
+            cfg.num_hidden_layers) == (32, 2, 32, 2)
+    for layer in model.bert.encoder.layer:
+        assert tuple(layer.attention.self.query.weight.shape) == (32, 32)
+        assert tuple(layer.intermediate.dense.weight.shape) == (32, 32)
+        assert tuple(layer.output.dense.weight.shape) == (32, 32)
+    fresh = sum(p.numel() for p in BertForSequenceClassification(cfg).parameters())
+    assert ffn_pruned.params_after == fresh
+    # exactly the FFN weights go: 2 layers x (32 x 32 in + 32 bias + 32 x 32 out)
+    assert ffn_pruned.params_before - ffn_pruned.params_after == 2 * (2 * 32 * 32 + 32)
+    assert ffn_pruned.details["intermediate_size"] == "64->32"
+    assert ffn_pruned.details["distill_hidden"] == 10.0
+    assert len(ffn_pruned.details["recovery_loss"]) == 2  # one epoch after each of 2 steps
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, use_safetensors=True)
+    enc = _encode(teacher[1])
+    np.testing.assert_allclose(_logits(reloaded, enc), _logits(model, enc), atol=1e-5)
+
+
+def test_hidden_state_distillation_changes_the_recovery(ffn_pruned, teacher, data):
+    import torch
+
+    from pipelines.pruning import prune_and_recover
+
+    plain = prune_and_recover(teacher[0], teacher[1], *data, attention=0.0, ffn=0.5, steps=2,
+                              recovery_epochs=2, max_length=32, batch_size=16,
+                              learning_rate=1e-3, seed=0, distill_hidden=0.0)
+    assert plain.details["distill_hidden"] == 0.0
+    a, b = plain.model.state_dict(), ffn_pruned.model.state_dict()
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+    # the hidden-state term is part of the loss: the same run reports a larger loss with it
+    assert ffn_pruned.details["recovery_loss"][0] > plain.details["recovery_loss"][0]
+
+
+def test_hidden_state_distillation_is_off_when_the_width_changes(pruned):
+    result, _ = pruned  # attention=0.5 halves the hidden width: no teacher states to match
+    assert result.details["distill_hidden"] == 0.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"attention": 0.0, "ffn": 0.0}, "nothing to prune"),
+    ({"ffn": 1.0}, "ffn must be in"),
+    ({"attention": -0.1}, "attention must be in"),
+    ({"steps": 0}, "steps must be >= 1"),
+])
+def test_bad_arguments_are_named(teacher, data, kwargs, message):
+    from pipelines.pruning import prune_and_recover
+
+    with pytest.raises(ValueError, match=message):
+        prune_and_recover(teacher[0], teacher[1], *data, **kwargs)
+
+
+def test_pruning_config_fields_and_shorthand():
+    from pipelines.config import ConfigError, PipelineConfig, PruningConfig
+
+    assert PruningConfig(amount=0.25).attention == PruningConfig(amount=0.25).ffn == 0.25
+    default = PruningConfig()
+    assert (default.attention, default.ffn) == (0.0, 0.5) and default.distill_hidden > 0
+    base = {"name": "p", "data": {"path": str(SST2 / "train_sample.tsv"), "format": "tsv",
+                                  "text_column": "sentence", "label_column": "label"}}
+    for pruning, where in [({"ffn": 1.5}, "compression.pruning.ffn"),
+                           ({"amount": 0.3, "ffn": 0.5}, "compression.pruning"),
+                           ({"attention": 0, "ffn": 0}, "compression.pruning"),
+                           ({"distill_hidden": -1}, "compression.pruning.distill_hidden")]:
+        with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+            PipelineConfig.from_dict({**base, "compression": {"pruning": pruning}})

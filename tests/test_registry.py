@@ -4,6 +4,7 @@ its own registered-model name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -73,8 +74,9 @@ def test_decision_fields_and_tags():
     first = should_promote({"accuracy": 0.5}, None, "accuracy")
     assert first.incumbent is None and first.delta is None
     assert first.to_tags()["maas.decision.incumbent"] == ""
-    with pytest.raises(Exception):
-        first.promote = False  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.promote = False
+    assert first.promote is True
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def test_register_finishes_a_version_left_pending_by_a_killed_call(reg):
 
 
 def test_promote_moves_champion_and_records_evidence(reg):
-    name, new_version, client, _ = reg
+    name, new_version, _, _ = reg
     v1, _ = new_version(0.80)
     v2, _ = new_version(0.85)
 

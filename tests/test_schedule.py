@@ -471,10 +471,8 @@ def test_scheduled_fire_runs_maas_run_tagged_schedule(tmp_path, tiny_checkpoint,
                                                       schedulers):
     """The real thing, once: the fire runs `maas run PIPELINE --trigger schedule` on a tiny
     pipeline and the MLflow parent run is tagged maas.trigger=schedule."""
+    from helpers import write_pipeline
     from mlflow import MlflowClient
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import write_pipeline
 
     path = write_pipeline(tmp_path, tiny_checkpoint, schedule="0 0 1 1 *",
                           tuning__n_trials=1, tuning__max_epochs=1)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import tiny_registry
 
 from bentos import BentoSettings
 from bentos.testing import serve_registered
-from tests.conftest import tiny_registry
 
 MODEL_NAME = "tiny-hardening"
 MAX_CONCURRENCY = 4

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
-from tests.conftest import tiny_registry
+from helpers import tiny_registry
 
 from bentos import BentoSettings
-from bentos.testing import serve_registered
 from bentos.loadgen import load
+from bentos.testing import serve_registered
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,12 @@ first 20 unexpected values with their row indexes (``partial_unexpected_index_li
 
 Great Expectations is imported lazily (inside :func:`validate`) with analytics off, progress bars
 off and its loggers held at ERROR for the duration of the call.
+
+Privacy (``validate(..., examples="redacted" | "none")``): the checkpoint runs without the docs
+action; every data value in its results (unexpected values, observed values, details) is masked
+or withheld (:func:`validation.pii.scrub`), the scrubbed results are stored back in the context's
+validation-results store and the data docs are built from them, so neither the report nor the
+HTML holds raw data text. Counts and row indexes stay.
 """
 
 from __future__ import annotations
@@ -252,10 +258,18 @@ def _build_suite(gx: Any, spec: dict[str, Any], path: Path) -> Any:
 
 
 def validate(df: Any, suite: str | os.PathLike[str] = "sentiment",
-             docs_dir: str | os.PathLike[str] | None = None) -> ValidationReport:
+             docs_dir: str | os.PathLike[str] | None = None, *,
+             examples: str = "full") -> ValidationReport:
     """Validate ``df`` (columns ``text``, ``label``) against ``suite``; build data docs in
     ``docs_dir`` when given. Never raises for bad *data* (that is a failed report); raises
-    :class:`UnknownSuiteError` / :class:`SuiteError` for a bad *suite*."""
+    :class:`UnknownSuiteError` / :class:`SuiteError` for a bad *suite*.
+
+    ``examples`` says how data values (unexpected values, observed values) may appear in the
+    report and the data docs: ``"full"`` as they are, ``"redacted"`` with PII masked
+    (:func:`validation.pii.redact_text`), ``"none"`` withheld (counts and row indexes stay)."""
+    from validation.pii import check_mode
+
+    check_mode(examples, "examples")
     path = resolve_suite(suite)
     spec = load_suite_spec(path)
     version = str((spec.get("meta") or {}).get("version", "unversioned"))
@@ -285,12 +299,15 @@ def validate(df: Any, suite: str | os.PathLike[str] = "sentiment",
                                   "base_directory": str(docs)},
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             })
-            actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs",
-                                                              site_names=["maas"]))
+            if examples == "full":  # else built below, from the scrubbed results
+                actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs",
+                                                                  site_names=["maas"]))
         checkpoint = context.checkpoints.add(gx.Checkpoint(
             name=f"{spec['name']}-checkpoint", validation_definitions=[vdef], actions=actions,
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20}))
         result = checkpoint.run(batch_parameters={"dataframe": df})
+        if examples != "full":
+            _scrub_results(context, result, examples, build_docs=docs is not None)
 
     (suite_result,) = result.run_results.values()
     # GX evaluates (and reports) grouped by domain; put the outcomes back in the suite's order
@@ -307,6 +324,20 @@ def validate(df: Any, suite: str | os.PathLike[str] = "sentiment",
         docs_dir=docs if docs is not None and (docs / "index.html").is_file() else None,
         suite_path=path,
     )
+
+
+def _scrub_results(context: Any, result: Any, mode: str, build_docs: bool) -> None:
+    """Privacy: replace every data value in the checkpoint's results (unexpected values and
+    their counts, observed values, details) as ``mode`` allows, store the scrubbed results back
+    in the context's validation-results store and only then build the data docs from them."""
+    from validation.pii import scrub
+
+    for key, suite_result in result.run_results.items():
+        for res in suite_result.results:
+            res.result = scrub(dict(res.result or {}), mode)
+        context.validation_results_store.set(key, suite_result)
+    if build_docs:
+        context.build_data_docs(site_names=["maas"])
 
 
 def _outcome(res: Any) -> ExpectationOutcome:

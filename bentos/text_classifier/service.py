@@ -17,6 +17,9 @@ Endpoints:
   Bad input -> 400 ``{"error": ..., "detail": [{"loc": [...], "msg": "... max_texts=64 ..."}]}``.
 - ``GET /metadata`` (also ``POST /metadata``): MLflow model name/version/run/alias, the variant
   and its runtime, bento tag, BentoML model tag, labels, device, dtype, threads, limits.
+- ``GET /card``: the registered version's model card (``model_card.md`` beside this file,
+  ``text/markdown``) ending with what this bento serves, its limits and its bento tag;
+  ``GET /card?format=json`` gives the card's JSON form (``model_card.json``) with ``served_by``.
 - built in: ``/livez``, ``/readyz``, ``/metrics`` (Prometheus; this service adds
   ``maas_classify_batch_texts``, the number of texts per model call).
 
@@ -42,6 +45,8 @@ from pydantic import BaseModel, BeforeValidator
 logger = logging.getLogger("bentoml.maas.text_classifier")
 
 CONFIG_PATH = Path(__file__).with_name("bento_config.json")
+CARD_PATH = Path(__file__).with_name("model_card.md")
+CARD_JSON_PATH = Path(__file__).with_name("model_card.json")
 # Mirrors bentos.build.BentoSettings (this file cannot import the bentos package inside a bento).
 DEFAULT_SETTINGS: dict[str, Any] = {
     "max_batch_size": 32, "max_latency_ms": 5000, "max_texts": 64, "max_chars": 2000,
@@ -239,11 +244,32 @@ async def _get_metadata(request: Any) -> Any:
     return JSONResponse(_RUNTIME["metadata"])
 
 
+async def _get_card(request: Any) -> Any:
+    """The model card: Markdown (default) or ``?format=json``; 404 in a bento built without one."""
+    from starlette.responses import JSONResponse, Response
+
+    fmt = request.query_params.get("format", "markdown").lower()
+    if fmt not in ("markdown", "md", "json"):
+        return JSONResponse({"error": f"format={fmt!r}: use markdown or json"}, status_code=400)
+    path = CARD_JSON_PATH if fmt == "json" else CARD_PATH
+    if not path.is_file():
+        return JSONResponse({"error": "this bento was built without a model card"},
+                            status_code=404)
+    tag = _bento_tag()
+    if fmt == "json":
+        card = json.loads(path.read_text("utf-8"))
+        card.setdefault("served_by", {})["bento_tag"] = tag
+        return JSONResponse(card)
+    text = path.read_text("utf-8").rstrip() + f"\n- Bento tag: `{tag or 'unknown'}`\n"
+    return Response(text, media_type="text/markdown; charset=utf-8")
+
+
 def _metadata_app() -> Any:
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    return Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"])])
+    return Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]),
+                             Route("/card", _get_card, methods=["GET"])])
 
 
 def _bento_tag() -> str:

@@ -251,11 +251,18 @@ def load(folder: Path):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def log_model(model, tokenizer, name: str, input_example: list[str]):
-    """Log with the MLflow transformers flavour (safetensors, tokenizer, label map, signature)."""
+def log_model(model, tokenizer, name: str, input_example: list[str] | None = None):
+    """Log with the MLflow transformers flavour (safetensors, tokenizer, label map, signature).
+
+    ``input_example`` is stored with the model as given: callers pass texts that their
+    ``privacy.log_text`` allows (see ``validation.pii.loggable_texts``); None logs a synthetic
+    placeholder text, never data."""
     import mlflow
     from mlflow.models import infer_signature
 
+    from validation.pii import PLACEHOLDER_TEXT
+
+    input_example = list(input_example) if input_example else [PLACEHOLDER_TEXT]
     probs = predict_proba(model, tokenizer, input_example, max_length=128)
     labels = labels_of(model)
     output = [{"label": labels[int(row.argmax())], "score": float(row.max())} for row in probs]

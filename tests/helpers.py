@@ -1,0 +1,297 @@
+"""Plain helper functions shared by the test modules (fixtures live in conftest.py): pipeline
+files written on the fly, a tiny registered classifier, fresh PostgreSQL databases, and a real
+``mlflow server`` with the client-side plumbing to talk to it.
+
+Imported as ``from helpers import ...``: pytest's default ``prepend`` import mode puts ``tests/``
+(the folder of conftest.py and the test modules, which has no ``__init__.py``) on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from base64 import b64encode
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO / "data" / "sst2"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+#: the basic-auth app's admin password (the ``auth_server`` fixture), one per test session
+ADMIN_PASSWORD = "maas-admin-" + uuid.uuid4().hex[:12]
+
+
+# -- pipeline files and a registered model ----------------------------------------------------
+def write_pipeline(folder: Path, checkpoint: Path, **overrides) -> Path:
+    """A small, fast pipeline on the SST-2 slice with the tiny checkpoint; dotted overrides."""
+    cfg = {
+        "name": "tiny",
+        "data": {"path": str(SST2 / "train_sample.tsv"), "format": "tsv",
+                 "text_column": "sentence", "label_column": "label",
+                 "label_names": {0: "negative", 1: "positive"}, "max_rows": 400,
+                 "split": {"validation": 0.25, "test": 0.25, "seed": 1}},
+        "validation": {"suite": "sentiment"},
+        "model": {"family": "text_classifier", "checkpoint": str(checkpoint), "max_length": 32},
+        "tuning": {"n_trials": 2, "max_epochs": 2, "sampler_seed": 7,
+                   "pruner": {"type": "median", "n_startup_trials": 1},
+                   "search_space": {"learning_rate": {"type": "float", "low": 1e-4,
+                                                      "high": 1e-3, "log": True}},
+                   "fixed": {"batch_size": 32}},
+        "metric": "accuracy",
+        "promotion": {"metric": "accuracy", "min_delta": 0.0, "thresholds": {}},
+        "registry": {"model_name": "tiny-sentiment"},
+        "bento": {"enabled": False},
+        "compression": {"enabled": False},  # tests/test_compression.py turns it on
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: str):
+    """A fresh MLflow SQLite store + BentoML home (cwd and env pointed at them) with the tiny
+    classifier registered as ``model_name@champion``; yields {root, uri, home, version}."""
+    import mlflow
+
+    from bentos.testing import load_classifier, register_classifier
+
+    root = tmp_path_factory.mktemp(prefix)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("BENTOML_HOME", str(root / "bentoml"))
+        mp.setenv("BENTOML_DO_NOT_TRACK", "True")
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("tests")  # not an experiment id left active by an earlier test
+        model, tok = load_classifier(checkpoint)
+        version = register_classifier(model, tok, model_name)
+        yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
+
+
+# -- PostgreSQL and processes -----------------------------------------------------------------
+def _pg_available() -> bool:
+    import sqlalchemy as sa
+
+    try:
+        with sa.create_engine(PG_ADMIN).connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return True
+    except sa.exc.SQLAlchemyError:  # refused, no such role/database...
+        return False
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "maas_test"):
+    """A new database on the machine's PostgreSQL (127.0.0.1:5432; .ci/run starts it when it is
+    down), dropped with FORCE afterwards; yields its URL."""
+    import sqlalchemy as sa
+
+    if not _pg_available():
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (start it: see .ci/run)")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def communicate_all(procs: list, timeout: float) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) of each process (text pipes); leftovers are killed."""
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc`` (server workers, job runners), then SIGKILL."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        proc.poll()
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+# -- a real MLflow tracking server -------------------------------------------------------------
+class Server:
+    """A running ``mlflow server``: its URL, artifacts destination, log and process."""
+
+    def __init__(self, url: str, port: int, artifacts: Path, log: Path, proc: subprocess.Popen,
+                 backend: str):
+        self.url, self.port, self.artifacts, self.log = url, port, artifacts, log
+        self.proc, self.backend = proc, backend
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None,
+                  workers: int = 2, start_timeout_s: float = 180.0) -> Iterator[Server]:
+    """``mlflow server`` on ``backend`` with proxied artifacts under ``folder/artifacts``.
+
+    Bound to 127.0.0.1 on a free port; waits for ``/health``; the whole process group is killed
+    on exit. ``auth_config``: start the basic-auth app with that config file.
+    """
+    artifacts = folder / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = folder / f"mlflow-server-{port}.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", str(workers)]
+    env = {**os.environ,
+           # the GenAI job runner (huey consumers) is not needed here: 8 fewer processes
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(k, None)
+    if auth_config is not None:
+        cmd += ["--app-name", "basic-auth"]
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = uuid.uuid4().hex
+    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", port, artifacts, log, proc, backend)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{server.log_tail()}")
+            try:
+                status, _ = request(server, "GET", "/health", timeout=2)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy in {start_timeout_s:.0f} s:\n"
+                            f"{server.log_tail()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        kill_group(proc)
+
+
+def request(server: Server, method: str, path: str, body: bytes | dict | None = None,
+            auth: tuple[str, str] | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """One raw HTTP request; ``path`` goes on the wire exactly as given (no normalisation)."""
+    headers = {}
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if auth is not None:
+        headers["Authorization"] = "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def client_env(server: Server, **extra: str) -> dict[str, str]:
+    """This process's environment for a child that talks to ``server`` (credentials only when
+    given in ``extra``)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, **extra}
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+@contextlib.contextmanager
+def tracking_to(uri: str, **env: str) -> Iterator[None]:
+    """Point this process's MLflow client at ``uri`` (and credentials) for the block."""
+    import mlflow
+
+    keys = ["MLFLOW_TRACKING_URI", *env]
+    saved = {k: os.environ.get(k) for k in keys}
+    previous_uri = mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.update(env)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(previous_uri)  # (this writes MLFLOW_TRACKING_URI: restore after)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def log_echo_model(experiment: str) -> tuple[str, str]:
+    """Log a tiny pyfunc model (echoes its input) in a new run; returns (model_uri, run_id)."""
+    import mlflow
+    import mlflow.pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[str], params=None) -> list[str]:
+            return model_input
+
+    mlflow.set_experiment(experiment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mlflow.start_run() as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(),
+                                           pip_requirements=[])
+    return info.model_uri, run.info.run_id
