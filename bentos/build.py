@@ -116,31 +116,14 @@ def bentoml_home() -> Path:
 def bentoml_store_scope() -> Iterator[Path]:
     """Point BentoML's stores at the *current* ``$BENTOML_HOME``.
 
-    BentoML resolves its home once per process (cached DI singletons), so a process that changes
-    ``BENTOML_HOME`` later (tests, notebooks, several pipelines) would otherwise keep writing to the
-    first one. Inside this context the home, model/bento stores and tmp dir follow the variable.
+    BentoML resolves its home once per process, so a process that changes ``BENTOML_HOME`` later
+    (tests, notebooks, several pipelines) would otherwise keep writing to the first one. Inside
+    this context the home, model/bento stores and tmp dir follow the variable (the one use of
+    BentoML internals, isolated in :mod:`bentos._compat`).
     """
-    from bentoml._internal.bento import BentoStore
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
+    from bentos._compat import stores_at
 
-    home = bentoml_home()
-    for sub in ("", "bentos", "models", "envs", "tmp"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    c = BentoMLContainer
-    patches = [
-        (c.bentoml_home, str(home)),
-        (c.bento_store_dir, str(home / "bentos")),
-        (c.model_store_dir, str(home / "models")),
-        (c.env_store_dir, str(home / "envs")),
-        (c.tmp_bento_store_dir, str(home / "tmp")),
-        (c.bento_store, BentoStore(str(home / "bentos"))),
-        (c.model_store, ModelStore(str(home / "models"))),
-        (c.tmp_bento_store, BentoStore(str(home / "tmp"))),
-    ]
-    with contextlib.ExitStack() as stack:
-        for provider, value in patches:
-            stack.enter_context(provider.patch(value))
+    with stores_at(bentoml_home()) as home:
         yield home
 
 

@@ -308,7 +308,7 @@ def run_local(name, model_uri, flavor=None, config=None):
 
 
 def target_help():
-    fields = ", ".join(f"{k}" for k in BentoSettings.__dataclass_fields__)
+    fields = ", ".join(BentoSettings.model_fields)
     return f"""\
 Target `bentoml`: builds a local BentoML bento (in $BENTOML_HOME, default ~/bentoml) that serves a
 registered MLflow transformers text classifier with adaptive batching.

@@ -146,22 +146,24 @@ def main(verbose: bool) -> None:
 @click.option("--no-build", is_flag=True, help="Skip packaging the champion as a bento.")
 @click.option("--storage", help="Optuna RDB storage URL (default: optuna.db beside mlflow.db).")
 @click.option("--trigger", default="manual", type=click.Choice(["manual", "schedule"]),
-              help="Recorded on the run as maas.trigger.")
+              help="Recorded on the run as maas.trigger; `schedule` (a scheduler's run) takes "
+                   "no per-pipeline lock: the scheduler keeps runs apart.")
+@click.option("--schedule-attempt", type=click.IntRange(1), hidden=True,
+              help="Set by `maas schedule`: the attempt of this fire (tag maas.schedule_attempt).")
 @click.option("--no-resume", is_flag=True, help="Never resume an unfinished run.")
 @_errors
 def run(pipeline: Path | None, overrides: tuple[str, ...], no_build: bool, storage: str | None,
-        trigger: str, no_resume: bool) -> None:
+        trigger: str, schedule_attempt: int | None, no_resume: bool) -> None:
     """Run a pipeline file end to end (default: the packaged sentiment pipeline)."""
     from pipelines.config import PipelineConfig
     from pipelines.run import run_pipeline
-
-    from pipelines.schedule import PipelineBusy, manual_run_lock
+    from pipelines.scheduling import PipelineBusy, manual_run_lock
 
     cfg = PipelineConfig.load(pipeline or DEFAULT_PIPELINE, _parse_overrides(overrides))
     try:
-        with manual_run_lock(cfg):
-            result = run_pipeline(cfg, trigger=trigger, storage=storage, build=not no_build,
-                                  resume=not no_resume)
+        with manual_run_lock(cfg, trigger=trigger):
+            result = run_pipeline(cfg, trigger=trigger, schedule_attempt=schedule_attempt,
+                                  storage=storage, build=not no_build, resume=not no_resume)
     except PipelineBusy as exc:
         _fail(exc, EXIT_BUSY)
     click.echo(_summary(result))
@@ -355,8 +357,10 @@ def build(ref: str, quantize: bool, max_batch_size: int, max_latency_ms: int,
     else:
         raise ConfigError(f"{ref!r}: expected NAME@ALIAS (or NAME/VERSION)")
     try:
-        settings = BentoSettings(quantize=quantize, max_batch_size=max_batch_size,
-                                 max_latency_ms=max_latency_ms, variant=variant)
+        settings = BentoSettings.from_mapping({"quantize": quantize,  # errors name the setting
+                                               "max_batch_size": max_batch_size,
+                                               "max_latency_ms": max_latency_ms,
+                                               "variant": variant})
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
@@ -552,7 +556,7 @@ def webhook_serve(host: str, port: int, secret_env: str, secret_file: Path | Non
 
 
 def _register_subcommands() -> None:
-    from pipelines.schedule import schedule_command
+    from pipelines.scheduling.cli import schedule_command
 
     main.add_command(schedule_command, "schedule")
 

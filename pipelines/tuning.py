@@ -17,17 +17,20 @@ import os
 import socket
 import tempfile
 import time
+import warnings
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import optuna
 
-from pipelines.config import (CategoricalParam, FloatParam, IntParam, PipelineConfig,
-                              PrunerConfig)
+from pipelines import _compat
+from pipelines.config import CategoricalParam, FloatParam, IntParam, PipelineConfig, PrunerConfig
 from pipelines.data import Dataset
 from pipelines.evaluation import evaluate_predictions
 from pipelines.families import get_family
@@ -35,6 +38,10 @@ from pipelines.families import get_family
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+
+#: the storage each study was opened on (:func:`open_study`), for heartbeats and retries
+_STORAGES: weakref.WeakKeyDictionary[optuna.Study, optuna.storages.BaseStorage] = \
+    weakref.WeakKeyDictionary()
 
 
 def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -73,7 +80,7 @@ def open_study(cfg: PipelineConfig, storage: optuna.storages.BaseStorage, study_
     elif seed is None:  # an extra worker without an explicit seed: its own
         base = cfg.tuning.sampler_seed or 0
         seed = (base * 1_000_003 + os.getpid() + time.time_ns() % 1_000_000) % (2**32)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=study_name,
         storage=storage,
         direction=cfg.tuning.direction,
@@ -81,6 +88,16 @@ def open_study(cfg: PipelineConfig, storage: optuna.storages.BaseStorage, study_
         pruner=make_pruner(cfg.tuning.pruner, cfg.tuning.max_epochs),
         load_if_exists=True,
     )
+    _STORAGES[study] = storage
+    return study
+
+
+def _storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    try:
+        return _STORAGES[study]
+    except KeyError:
+        raise ValueError(f"study {study.study_name!r} was not opened with "
+                         "pipelines.tuning.open_study") from None
 
 
 def suggest(trial: optuna.Trial, cfg: PipelineConfig) -> dict[str, Any]:
@@ -158,6 +175,7 @@ class Objective:
         value = float("nan")
         try:
             for epoch in range(1, cfg.tuning.max_epochs + 1):
+                started = time.monotonic()
                 loss = trainer.train_epoch(
                     desc=f"trial {trial.number} epoch {epoch}/{cfg.tuning.max_epochs}")
                 probs = family.predict_proba(trainer.model, trainer.tokenizer,
@@ -168,10 +186,10 @@ class Objective:
                 mlflow.log_metrics({"train_loss": loss,
                                     **{f"val_{k}": v for k, v in ev.metrics.items()}}, step=epoch)
                 trial.report(value, epoch)
-                log.info("trial %d epoch %d: train_loss=%.4f val_%s=%.4f", trial.number, epoch,
-                         loss, cfg.metric, value)
+                log.info("trial %d epoch %d/%d: train_loss=%.4f val_%s=%.4f (%.1f s)",
+                         trial.number, epoch, cfg.tuning.max_epochs, loss, cfg.metric, value,
+                         time.monotonic() - started)
                 if trial.should_prune():
-                    log.info("trial %d pruned after epoch %d", trial.number, epoch)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
             if self._is_best(trial.study, value):
                 with tempfile.TemporaryDirectory() as tmp:
@@ -271,15 +289,15 @@ def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_
     and ``RetryFailedTrialCallback`` re-queues it once (same params), which the next claim picks up.
     A resumed study keeps its finished trials.
     """
-    from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
-    from tqdm.auto import tqdm
+    from pipelines.progress import progress
 
+    storage = _storage_of(study)
     deadline = time.monotonic() + timeout_s if timeout_s else None
-    bar = tqdm(total=n_trials, desc=f"study {study.study_name[:40]}", unit="trial",
-               disable=not show_progress_bar, dynamic_ncols=True)
+    bar = progress(total=n_trials, desc=f"study {study.study_name[:40]}", unit="trial",
+                   enabled=show_progress_bar)
     try:
         while True:
-            if is_heartbeat_enabled(study._storage):
+            if _compat.heartbeat_interval(storage):
                 optuna.storages.fail_stale_trials(study)
             with budget_lock(storage_url, study.study_name):
                 trials = study.get_trials(deepcopy=False)
@@ -297,11 +315,11 @@ def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_
                 if deadline is not None and time.monotonic() > deadline:
                     log.warning("tuning timeout reached with %d/%d trials", finished, n_trials)
                     return
-                trial = study.ask() if finished + running < n_trials else None
+                trial = _compat.ask(study) if finished + running < n_trials else None
             if trial is None:
                 time.sleep(poll_s)  # the last trials run elsewhere: wait for them (or staleness)
                 continue
-            with get_heartbeat_thread(trial._trial_id, study._storage):
+            with _compat.heartbeat(storage, study.study_name, trial.number):
                 _run_trial(study, trial, objective)
             gc.collect()
     finally:
@@ -309,14 +327,17 @@ def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_
 
 
 def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
+    """Run and tell one trial; one log line per trial (state, value, seconds)."""
     from optuna.trial import TrialState
 
+    started = time.monotonic()
     try:
         value = objective(trial)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
-    except Exception as exc:
-        log.error("trial %d failed: %r", trial.number, exc)
+        log.info("trial %d PRUNED (%.1f s)", trial.number, time.monotonic() - started)
+    except Exception as exc:  # noqa: BLE001 - any objective error fails only this trial
+        log.error("trial %d FAIL (%.1f s): %r", trial.number, time.monotonic() - started, exc)
         trial.set_user_attr("maas_error", repr(exc)[:2000])
         study.tell(trial, state=TrialState.FAIL)
     except BaseException:
@@ -324,6 +345,8 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -
         raise
     else:
         study.tell(trial, value)
+        log.info("trial %d COMPLETE: value=%.4f (%.1f s)", trial.number, value,
+                 time.monotonic() - started)
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -370,10 +393,12 @@ def _close_failed_attempt(trial: optuna.Trial) -> None:
     old = trial.user_attrs.get("mlflow_run_id")
     if not old:
         return
-    # optuna 5 Trial has no system_attrs: read them from the storage
-    frozen = trial.study._storage.get_trial(trial._trial_id)
-    if "failed_trial" not in frozen.system_attrs:
-        return
+    frozen = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
+    with warnings.catch_warnings():  # retried_trial_number is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if not frozen or optuna.storages.RetryFailedTrialCallback.retried_trial_number(
+                frozen[0]) is None:
+            return
     client = mlflow.MlflowClient()
     try:
         if client.get_run(old).info.status == "RUNNING":

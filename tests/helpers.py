@@ -1,6 +1,7 @@
 """Plain helper functions shared by the test modules (fixtures live in conftest.py): pipeline
-files written on the fly, a tiny registered classifier, fresh PostgreSQL databases, and a real
-``mlflow server`` with the client-side plumbing to talk to it.
+files written on the fly, a tiny registered classifier, the data defects the validation suite
+must catch, fresh PostgreSQL databases, and a real ``mlflow server`` with the client-side
+plumbing to talk to it.
 
 Imported as ``from helpers import ...``: pytest's default ``prepend`` import mode puts ``tests/``
 (the folder of conftest.py and the test modules, which has no ``__init__.py``) on ``sys.path``.
@@ -28,6 +29,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO / "data" / "sst2"
+SST2_TRAIN = SST2 / "train_sample.tsv"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 #: the basic-auth app's admin password (the ``auth_server`` fixture), one per test session
 ADMIN_PASSWORD = "maas-admin-" + uuid.uuid4().hex[:12]
@@ -86,6 +88,56 @@ def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: s
         model, tok = load_classifier(checkpoint)
         version = register_classifier(model, tok, model_name)
         yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
+
+
+# -- data defects (tests/test_validation.py, tests/test_suite_init.py) -------------------------
+def set_values(rows, col, value):
+    """A mutator: ``col`` set to ``value`` on ``rows`` (a copy; the column becomes object)."""
+    def f(df):
+        df = df.copy()
+        df[col] = df[col].astype(object)
+        for r in rows:
+            df.at[r, col] = value
+        return df
+    return f
+
+
+def imbalance_95_5(df):
+    """The 2,000-row slice relabelled 95% positive / 5% negative (a copy)."""
+    df = df.copy()
+    df["label"] = [1] * 1900 + [0] * 100
+    return df
+
+
+def duplicate_30pct(df):
+    """30% of the 2,000 rows repeat texts from the first 600 rows (a copy)."""
+    df = df.copy()
+    df.loc[1400:, "text"] = df.text.iloc[:600].to_numpy()
+    return df
+
+
+DEFECTS = {
+    # name: (mutate, failing expectation type, column, kwargs subset, example (row, value) or None)
+    "empty_text": (set_values([3, 17], "text", ""), "expect_column_value_lengths_to_be_between",
+                   "text", {}, (3, "")),
+    "none_text": (set_values([8], "text", None), "expect_column_values_to_not_be_null", "text",
+                  {}, (8, None)),
+    "nan_text": (set_values([9], "text", float("nan")), "expect_column_values_to_not_be_null",
+                 "text", {}, (9, None)),
+    "label_7": (set_values([5], "label", 7), "expect_column_values_to_be_in_set", "label", {},
+                (5, 7)),
+    "single_class": (lambda d: d.assign(label=0), "expect_column_values_to_not_be_in_set",
+                     "label", {"value_set": [0]}, (0, 0)),
+    "imbalance_95_5": (imbalance_95_5, "expect_column_values_to_not_be_in_set", "label",
+                       {"value_set": [1]}, (0, 1)),
+    "too_few_rows": (lambda d: d.iloc[:60], "expect_table_row_count_to_be_between", None, {},
+                     None),
+    "duplicates_30pct": (duplicate_30pct,
+                         "expect_column_proportion_of_unique_values_to_be_between", "text", {},
+                         None),
+    "over_long_text": (set_values([11], "text", "so " * 500),
+                       "expect_column_value_lengths_to_be_between", "text", {}, (11, None)),
+}
 
 
 # -- PostgreSQL and processes -----------------------------------------------------------------

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
+from helpers import REPO
 
 from pipelines.config import ConfigError, PipelineConfig
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["sentiment.yaml", "sentiment-gpu.yaml"])
@@ -82,3 +79,28 @@ def test_missing_and_non_mapping_files(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         PipelineConfig.load(p)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"bento.timeout": 0}, "bento.timeout: Input should be greater than 0"),
+    ({"bento.quantize": 1}, "bento.quantize: Input should be a valid boolean"),
+    ({"bento.variant": "no such/variant"}, "bento.variant: Value error, must be a variant name"),
+    ({"bento.torch_threads": 0}, "bento.torch_threads: Input should be greater than or equal"),
+    ({"bento.max_batch": 8}, "bento.max_batch: Extra inputs are not permitted"),
+])
+def test_bento_section_is_bento_settings(override, message):
+    """The ``bento:`` section is ``BentoSettings`` (plus ``enabled``): every serving setting is
+    settable from the pipeline file, checked with its field path, and reaches the build as is."""
+    from bentos import BentoSettings
+
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml", override)
+    assert message in str(err.value)
+    cfg = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml",
+                              {"bento.enabled": False, "bento.torch_threads": 1,
+                               "bento.variant": "onnx-int8", "bento.body_timeout_s": 2.5})
+    settings = cfg.bento.settings()
+    assert type(settings) is BentoSettings and not cfg.bento.enabled
+    assert (settings.workers, settings.torch_threads, settings.variant,
+            settings.body_timeout_s) == (2, 1, "onnx-int8", 2.5)
+    assert settings.to_dict() == cfg.bento.model_dump(exclude={"enabled"})

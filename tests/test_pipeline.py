@@ -212,10 +212,11 @@ def test_second_identical_run_while_first_is_live_is_refused(mlflow_store, tmp_p
 def test_manual_run_refused_while_the_scheduler_holds_the_pipeline(mlflow_store, tmp_path,
                                                                    tiny_checkpoint):
     """The per-pipeline lock `maas schedule` takes for a fire also keeps a manual run out."""
-    from pipelines.schedule import Store, store_url
+    from pipelines.scheduling.locks import pipeline_lock
+    from pipelines.scheduling.records import make_engine, store_url
 
     pipe = write_pipeline(tmp_path, tiny_checkpoint)
-    lock = Store(store_url(mlflow_store)).lock("tiny")
+    lock = pipeline_lock(make_engine(store_url(mlflow_store)), "tiny")
     assert lock.acquire()
     try:
         res = CliRunner().invoke(main, ["run", str(pipe), "--no-build"])

@@ -1,11 +1,13 @@
 """`maas schedule`: real APScheduler in a scheduler process, real child processes, real SQLite.
 
-Most tests replace the pipeline command with a cheap child (the hidden ``--command``) that appends
-``NAME start|end|term TIME ATTEMPT PID FIRE`` lines to a file; one slow test runs `maas run`.
+Most tests replace the pipeline command with a cheap child (the hidden ``--command``, given the
+attempt and fire time as arguments) that appends ``NAME start|end|term TIME ATTEMPT PID FIRE``
+lines to a file; one slow test runs `maas run`.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sqlite3
@@ -18,15 +20,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.schedule import JOBS_TABLE, RUNS_TABLE, ScheduleError, build_trigger, job_id
+from pipelines.scheduling.cron import ScheduleError, build_trigger
+from pipelines.scheduling.fire import FireSpec, Verdict, judge
+from pipelines.scheduling.jobs import JOBS_TABLE, ScopedJobStore, job_id
+from pipelines.scheduling.records import RUNS_TABLE
 
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r'''
 import os, signal, sys, time
-name, mode, log = sys.argv[1], sys.argv[2], sys.argv[3]
-attempt = int(os.environ["MAAS_SCHEDULE_ATTEMPT"])
-fire = os.environ["MAAS_SCHEDULE_FIRE_TIME"]
+name, mode, log, attempt, fire = sys.argv[1:6]
+attempt = int(attempt)
 def w(ev):
     with open(log, "a") as f:
         f.write(f"{name} {ev} {time.time():.3f} {attempt} {os.getpid()} {fire}\n")
@@ -70,7 +74,7 @@ class Scheduler:
 
     def __init__(self, cwd: Path, args: list[str], env: dict[str, str], tag: str = "sched"):
         self.out = cwd / f"{tag}.log"
-        self.fh = open(self.out, "w")
+        self.fh = open(self.out, "w")  # noqa: SIM115 - closed by stop()/kill()
         self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", *args],
                                      cwd=cwd, env=env, stdout=self.fh, stderr=subprocess.STDOUT)
 
@@ -113,7 +117,17 @@ def schedulers():
 
 
 def child_cmd(tmp: Path, mode: str) -> str:
-    return f"{sys.executable} {tmp / 'child.py'} {{name}} {mode} {tmp / 'events.txt'}"
+    return (f"{sys.executable} {tmp / 'child.py'} {{name}} {mode} {tmp / 'events.txt'} "
+            "{attempt} {fire_time}")
+
+
+def dispatcher(tmp: Path, modes: dict[str, str]) -> str:
+    """One --command for several pipelines: a tiny script runs the child in each one's mode."""
+    (tmp / "dispatch.py").write_text(
+        "import os, sys\nmodes = " + repr(modes) + "\n"
+        f"os.execv(sys.executable, [sys.executable, {str(tmp / 'child.py')!r}, sys.argv[1], "
+        f"modes[sys.argv[1]], {str(tmp / 'events.txt')!r}, *sys.argv[2:]])\n")
+    return f"{sys.executable} {tmp / 'dispatch.py'} {{name}} {{attempt}} {{fire_time}}"
 
 
 def events(tmp: Path) -> list[list[str]]:
@@ -173,6 +187,113 @@ def test_cron_parsing_standard_weekdays_seconds_and_macros():
     for bad in ("* * *", "61 * * * *", "0 3 * * 9", "1 2 3 4 5 6 7"):
         with pytest.raises(ScheduleError):
             build_trigger(bad)
+
+
+SPEC = FireSpec(pipeline="p", path="/x/p.yaml", retries=2, backoff_s=30.0,
+                no_retry=frozenset({2, 3}))
+
+
+@pytest.mark.parametrize(("code", "note", "attempt", "stopping", "expected"), [
+    (0, None, 1, False, Verdict("success", None)),
+    (0, None, 3, True, Verdict("success", None)),  # finished before the shutdown got to it
+    (1, None, 1, False, Verdict("retrying", "retry in 30 s", 30.0)),
+    (1, "killed by SIGKILL", 2, False, Verdict("retrying", "killed by SIGKILL; retry in 60 s",
+                                                60.0)),
+    (1, None, 3, False, Verdict("failed", "gave up after 3 attempt(s)")),
+    (2, None, 1, False, Verdict("failed", "exit 2 (config/usage error): not retried")),
+    (3, None, 1, False, Verdict("failed", "exit 3 (data validation failed): not retried")),
+    (-15, "killed by SIGTERM", 1, True, Verdict("interrupted", "killed by SIGTERM")),
+    (1, None, 1, True, Verdict("interrupted", "scheduler shutting down")),
+])
+def test_judge_an_attempt(code, note, attempt, stopping, expected):
+    assert judge(code, note, attempt, SPEC, stopping) == expected
+
+
+def test_fire_command_passes_the_attempt_as_a_maas_run_option():
+    fire = datetime(2025, 1, 1, 3, tzinfo=timezone.utc)
+    assert SPEC.argv(2, fire) == [sys.executable, "-m", "pipelines.cli", "run", "/x/p.yaml",
+                                  "--trigger", "schedule", "--schedule-attempt", "2"]
+    custom = FireSpec(pipeline="p", path="/x/p.yaml", command="{python} t.py {name} {attempt} "
+                                                              "{fire_time} {pipeline}")
+    assert custom.argv(3, fire) == [sys.executable, "t.py", "p", "3",
+                                    "2025-01-01T03:00:00+00:00", "/x/p.yaml"]
+
+
+def test_apscheduler_events_carry_the_coalesced_fire_and_the_misses():
+    """The public APScheduler 3.x behaviour the scheduler is built on: a due job's callable runs
+    once for the latest of its coalesced fires and EVENT_JOB_EXECUTED carries that fire time; a
+    fire beyond the misfire grace gives EVENT_JOB_MISSED and the callable does not run. If an
+    APScheduler release changes this, this test fails before any schedule does."""
+    import threading
+
+    from apscheduler.events import EVENT_JOB_EXECUTED, EVENT_JOB_MISSED
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    seen: list[tuple[str, int, datetime]] = []
+    done = threading.Event()
+
+    def on_event(event):
+        seen.append((event.job_id, event.code, event.scheduled_run_time))
+        if len(seen) == 2:
+            done.set()
+
+    sched = BackgroundScheduler(timezone=timezone.utc,
+                                job_defaults={"coalesce": True, "max_instances": 1})
+    sched.add_listener(on_event, EVENT_JOB_EXECUTED | EVENT_JOB_MISSED)
+    minutely = build_trigger("* * * * *")
+    sched.add_job("pipelines.scheduling.jobs:due", minutely, id="late", misfire_grace_time=600,
+                  next_run_time=now.replace(second=0) - timedelta(minutes=5))
+    sched.add_job("pipelines.scheduling.jobs:due", build_trigger("0 0 1 1 *"), id="missed",
+                  misfire_grace_time=60, next_run_time=now - timedelta(minutes=10))
+    sched.start()
+    try:
+        assert done.wait(10), seen
+    finally:
+        sched.shutdown(wait=True)
+    latest_due = minutely.get_next_fire_time(None, now - timedelta(seconds=59))
+    assert sorted(seen) == [("late", EVENT_JOB_EXECUTED, latest_due),
+                            ("missed", EVENT_JOB_MISSED, now - timedelta(minutes=10))]
+
+
+def test_scoped_job_store_sees_only_its_own_jobs(tmp_path):
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from pipelines.scheduling.records import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    now = datetime.now(timezone.utc)
+    mine, other = ScopedJobStore(engine, [job_id("a")]), ScopedJobStore(engine, [job_id("b")])
+    sched = BackgroundScheduler(jobstores={"mine": mine, "other": other}, timezone=timezone.utc)
+    sched.start(paused=True)
+    try:
+        sched.add_job("pipelines.scheduling.jobs:due", build_trigger("0 0 1 1 *"),
+                      id=job_id("a"), jobstore="mine", next_run_time=now + timedelta(hours=1))
+        sched.add_job("pipelines.scheduling.jobs:due", build_trigger("0 0 1 1 *"),
+                      id=job_id("b"), jobstore="other", next_run_time=now - timedelta(hours=1))
+        assert [j.id for j in mine.get_all_jobs()] == [job_id("a")]
+        assert mine.get_due_jobs(now) == []  # b is overdue, but not this store's
+        assert [j.id for j in other.get_due_jobs(now)] == [job_id("b")]
+        # the earliest of its own jobs, not the table's (b's overdue time would spin it)
+        assert abs(mine.get_next_run_time() - (now + timedelta(hours=1))) < timedelta(seconds=1)
+    finally:
+        sched.shutdown(wait=False)
+        engine.dispose()
+
+
+def test_manual_run_lock_is_skipped_only_for_scheduled_runs(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.scheduling import PipelineBusy, manual_run_lock
+
+    cfg = SimpleNamespace(name="p", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with manual_run_lock(cfg):
+        with pytest.raises(PipelineBusy, match="already running"), manual_run_lock(cfg):
+            pass
+        with manual_run_lock(cfg, trigger="schedule"):  # the scheduler holds the lock itself
+            pass
+    with manual_run_lock(cfg):  # released
+        pass
 
 
 def test_export_k8s_cronjob(tmp_path, monkeypatch):
@@ -267,7 +388,7 @@ def test_overlap_never_two_runs_at_once(tmp_path, env, schedulers):
         intervals.setdefault(pid, [float("inf"), float("inf")])
         intervals[pid][0 if ev == "start" else 1] = float(t)
     spans = sorted(tuple(span) for span in intervals.values())  # unfinished: end = inf
-    for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
+    for (_s1, e1), (s2, _e2) in itertools.pairwise(spans):
         assert s2 >= e1, f"runs overlap: {spans}"
     recorded = rows(tmp_path / "mlflow.db", "ov") + rows(tmp_path / "other.db", "ov")
     assert sum(r["outcome"] == "success" for r in recorded) >= 2
@@ -279,13 +400,9 @@ def test_retry_with_backoff_and_no_retry_for_exit_2_and_3(tmp_path, env, schedul
              "baddata": "exit:3", "crash": "crash_once"}
     files = [str(pipeline_file(tmp_path, n, "0 0 1 1 *")) for n in names]
     # one command for all pipelines: the mode is chosen by name inside a tiny dispatcher
-    (tmp_path / "dispatch.py").write_text(
-        "import os, sys\nmodes = " + repr(names) + "\n"
-        f"os.execv(sys.executable, [sys.executable, {str(tmp_path / 'child.py')!r}, sys.argv[1], "
-        f"modes[sys.argv[1]], {str(tmp_path / 'events.txt')!r}])\n")
+    dispatch = dispatcher(tmp_path, names)
     s = Scheduler(tmp_path, [*files, "--run-now", "--retries", "2", "--retry-backoff", "0.4",
-                             "--command", f"{sys.executable} {tmp_path / 'dispatch.py'} {{name}}"],
-                  env)
+                             "--command", dispatch], env)
     schedulers.append(s)
     db = tmp_path / "mlflow.db"
 
@@ -322,7 +439,7 @@ def test_retry_with_backoff_and_no_retry_for_exit_2_and_3(tmp_path, env, schedul
     # --list: next fire times from the job store and the recent outcomes
     listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "schedule", "--list",
                              *files], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert listed.returncode == 0, listed.stderr
     next_jan = f"{datetime.now(timezone.utc).year + 1}-01-01 00:00:00Z"
     out = listed.stdout
@@ -339,12 +456,9 @@ def test_shutdown_terminates_children_and_keeps_the_job_store(tmp_path, env, sch
     fires are recorded as interrupted; exit 0; the jobs stay in the store."""
     names = {"polite": "polite", "stubborn": "stubborn"}
     files = [str(pipeline_file(tmp_path, n, "0 0 1 1 *")) for n in names]
-    (tmp_path / "dispatch.py").write_text(
-        "import os, sys\nmodes = " + repr(names) + "\n"
-        f"os.execv(sys.executable, [sys.executable, {str(tmp_path / 'child.py')!r}, sys.argv[1], "
-        f"modes[sys.argv[1]], {str(tmp_path / 'events.txt')!r}])\n")
+    dispatch = dispatcher(tmp_path, names)
     s = Scheduler(tmp_path, [*files, "--run-now", "--shutdown-grace", "1.5", "--command",
-                             f"{sys.executable} {tmp_path / 'dispatch.py'} {{name}}"], env)
+                             dispatch], env)
     schedulers.append(s)
     wait_for(lambda: {e[0] for e in events(tmp_path) if e[1] == "start"} == set(names), 20,
              "both children to start", s)
@@ -378,9 +492,9 @@ def _set_next_run_time(db: Path, jid: str, when: datetime) -> None:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     store = SQLAlchemyJobStore(url=f"sqlite:///{db}", tablename=JOBS_TABLE)
-    store.start(BackgroundScheduler(timezone=timezone.utc), "default")
+    store.start(BackgroundScheduler(timezone=timezone.utc), "default")  # never started: no fire
     job = store.lookup_job(jid)
-    job._modify(next_run_time=when)
+    job.next_run_time = when  # as a scheduler stopped at `when` would have left it
     store.update_job(job)
     store.shutdown()
 
@@ -399,6 +513,9 @@ def test_misfire_coalesced_into_one_catch_up_run_within_grace(tmp_path, env, sch
     assert first.stop() == 0
     before = len(rows(db, "minutely"))  # a fire of the first run, if a minute turned meanwhile
 
+    second_of_minute = datetime.now(timezone.utc).second
+    if second_of_minute >= 50:  # the restart must not straddle a minute: its fire isn't catch-up
+        time.sleep(61 - second_of_minute)
     now = datetime.now(timezone.utc)
     five_min_ago = now.replace(second=0, microsecond=0) - timedelta(minutes=5)
     _set_next_run_time(db, job_id("minutely"), five_min_ago)
@@ -423,7 +540,7 @@ def test_misfire_coalesced_into_one_catch_up_run_within_grace(tmp_path, env, sch
     assert not any(e[0] == "yearly" for e in events(tmp_path))
     listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "schedule", "--list",
                              files[1]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert f"next fire {now.year + 1}-01-01 00:00:00Z" in listed.stdout, listed.stdout
 
 
@@ -433,7 +550,7 @@ def test_postgres_store_and_advisory_lock(tmp_path, env, schedulers, pg_url):
     lock (held here by the test, as another scheduler would)."""
     import sqlalchemy as sa
 
-    from pipelines.schedule import _PgLock
+    from pipelines.scheduling.locks import _PgLock
 
     files = [str(pipeline_file(tmp_path, "free", "0 0 1 1 *")),
              str(pipeline_file(tmp_path, "busy", "0 0 1 1 *"))]
@@ -490,4 +607,5 @@ def test_scheduled_fire_runs_maas_run_tagged_schedule(tmp_path, tiny_checkpoint,
     runs = client.search_runs([exp.experiment_id],
                               filter_string="tags.`maas.role` = 'pipeline'")
     assert len(runs) == 1 and runs[0].data.tags["maas.trigger"] == "schedule"
+    assert runs[0].data.tags["maas.schedule_attempt"] == "1"  # `maas run --schedule-attempt 1`
     assert runs[0].info.status == "FINISHED"

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import DEFECTS, SST2_TRAIN
 
 from pipelines.cli import main
 from pipelines.config import PipelineConfig
 from pipelines.data import load_data
-from tests.test_validation import DEFECTS, SST2_TRAIN
 from validation import ProfileError, draft_suite, load_suite_spec, validate
 
 TOPICS = {

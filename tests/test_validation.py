@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import DEFECTS, REPO, SST2_TRAIN, duplicate_30pct, set_values
 
 from validation import ExpectationOutcome, ValidationReport, resolve_suite, validate
 from validation.gate import SUITES_DIR, SuiteError
-
-REPO = Path(__file__).resolve().parents[1]
-SST2_TRAIN = REPO / "data" / "sst2" / "train_sample.tsv"
 
 
 @pytest.fixture(scope="module")
@@ -67,51 +65,6 @@ def test_no_docs_without_docs_dir(sst2):
     assert validate(sst2).docs_dir is None
 
 
-def _set(rows, col, value):
-    def f(df):
-        df = df.copy()
-        df[col] = df[col].astype(object)
-        for r in rows:
-            df.at[r, col] = value
-        return df
-    return f
-
-
-def _imbalance(df):  # 95 / 5
-    df = df.copy()
-    df["label"] = [1] * 1900 + [0] * 100
-    return df
-
-
-def _duplicates(df):  # 30% of the rows repeat texts from the first 600 rows
-    df = df.copy()
-    df.loc[1400:, "text"] = df.text.iloc[:600].to_numpy()
-    return df
-
-
-DEFECTS = {
-    # name: (mutate, failing expectation type, column, kwargs subset, example (row, value) or None)
-    "empty_text": (_set([3, 17], "text", ""), "expect_column_value_lengths_to_be_between",
-                   "text", {}, (3, "")),
-    "none_text": (_set([8], "text", None), "expect_column_values_to_not_be_null", "text", {},
-                  (8, None)),
-    "nan_text": (_set([9], "text", float("nan")), "expect_column_values_to_not_be_null", "text",
-                 {}, (9, None)),
-    "label_7": (_set([5], "label", 7), "expect_column_values_to_be_in_set", "label", {},
-                (5, 7)),
-    "single_class": (lambda d: d.assign(label=0), "expect_column_values_to_not_be_in_set",
-                     "label", {"value_set": [0]}, (0, 0)),
-    "imbalance_95_5": (_imbalance, "expect_column_values_to_not_be_in_set", "label",
-                       {"value_set": [1]}, (0, 1)),
-    "too_few_rows": (lambda d: d.iloc[:60], "expect_table_row_count_to_be_between", None, {},
-                     None),
-    "duplicates_30pct": (_duplicates, "expect_column_proportion_of_unique_values_to_be_between",
-                         "text", {}, None),
-    "over_long_text": (_set([11], "text", "so " * 500), "expect_column_value_lengths_to_be_between",
-                       "text", {}, (11, None)),
-}
-
-
 @pytest.mark.parametrize("name", list(DEFECTS))
 def test_defect_fails_the_right_expectation(sst2, name):
     mutate, etype, column, kwargs, example = DEFECTS[name]
@@ -134,7 +87,7 @@ def test_defect_fails_the_right_expectation(sst2, name):
 
 
 def test_failure_details(sst2):
-    report = validate(_set([5], "label", 7)(sst2))
+    report = validate(set_values([5], "label", 7)(sst2))
     (o,) = report.failed
     assert o.examples == [{"row": 5, "value": 7}]
     assert o.unexpected_count == 1 and o.element_count == 2000
@@ -143,10 +96,10 @@ def test_failure_details(sst2):
     few = validate(sst2.iloc[:60])
     assert few.failed[0].observed == 60 and "observed 60" in few.summary()
 
-    dup = validate(_duplicates(sst2)).failed[0]
+    dup = validate(duplicate_30pct(sst2)).failed[0]
     assert dup.observed == pytest.approx(0.7, abs=0.01)
 
-    long = validate(_set([11], "text", "so " * 500)(sst2))
+    long = validate(set_values([11], "text", "so " * 500)(sst2))
     assert "(1500 chars)" in long.failed[0].examples[0]["value"]
     assert len(long.summary()) < 2000, "long values are clipped in the summary"
 
@@ -165,7 +118,7 @@ def test_missing_column_is_a_failed_outcome_not_a_crash(sst2):
 
 
 def test_to_dict_is_strict_json(sst2):
-    report = validate(_set([8], "text", None)(_set([5], "label", 7)(sst2)))
+    report = validate(set_values([8], "text", None)(set_values([5], "label", 7)(sst2)))
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert d["suite"] == "sentiment" and d["version"] == report.suite_version
     assert d["success"] is False

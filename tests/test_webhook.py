@@ -387,11 +387,10 @@ def _maas(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_promote_and_rollback_each_rebuild_one_bento(tmp_path, tiny_checkpoint, monkeypatch):
     from cryptography.fernet import Fernet
+    from helpers import client_env, fresh_pg_database, mlflow_server, tracking_to
     from mlflow import MlflowClient
 
     from bentos.testing import load_classifier, register_classifier
-    from tests.conftest import fresh_pg_database
-    from tests.test_tracking_server import client_env, mlflow_server, tracking_to
 
     secret = uuid.uuid4().hex + uuid.uuid4().hex
     home = tmp_path / "bentoml"
@@ -461,10 +460,10 @@ def _register_twice(url: str, env: dict, cwd: Path, tracking_uri: str, secret: s
     """`maas webhook register` as a process (with MLflow's signed test delivery), then again in
     process: one webhook, updated, and the secret printed nowhere."""
     from click.testing import CliRunner
+    from helpers import tracking_to
     from mlflow import MlflowClient
 
     from pipelines.cli import main
-    from tests.test_tracking_server import tracking_to
 
     first = _maas(["webhook", "register", MODEL, "--url", url], env, cwd)
     assert first.stdout.startswith("created")

@@ -164,14 +164,17 @@ class Trainer:
         )
 
     def train_epoch(self, desc: str = "train") -> float:
+        """One pass over the training texts; the mean loss. A batch bar only on a terminal
+        (:mod:`pipelines.progress`): the caller logs one line per epoch."""
         import torch
-        from tqdm.auto import tqdm
+
+        from pipelines.progress import progress
 
         self.model.train()
         order = torch.randperm(len(self.texts), generator=self.generator).tolist()
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         total, seen = 0.0, 0
-        bar = tqdm(batches, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
+        bar = progress(batches, desc=desc, leave=False, unit="batch")
         for idx in bar:
             enc = self.tokenizer([self.texts[i] for i in idx], padding="longest", truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.device)
@@ -212,7 +215,8 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     On CUDA the forward pass runs under bf16 autocast (fp16 without bf16 support); on CPU fp32.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from pipelines.progress import progress
 
     model.eval()
     device = next(model.parameters()).device
@@ -221,8 +225,8 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.inference_mode():
-        for idx in tqdm(chunks, desc=desc or "predict", leave=False, unit="batch",
-                        disable=desc is None):
+        for idx in progress(chunks, enabled=desc is not None, desc=desc or "predict",
+                            leave=False, unit="batch"):
             enc = tokenizer([texts[i] for i in idx], padding="longest", truncation=True,
                             max_length=max_length, return_tensors="pt").to(device)
             with _autocast(device, dtype):

@@ -1,0 +1,260 @@
+"""The work inside the pipeline's steps, each on one ``RunContext`` (the run's inputs, then each
+step's result as it finishes). pipelines/run.py drives them in order inside the parent run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from pipelines.config import PipelineConfig
+from pipelines.data import Dataset, RawData
+from pipelines.evaluation import Evaluation, confusion_figure, evaluate_predictions
+from pipelines.redact import redact, redact_obj
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """One pipeline run: what it was started with, its parent run, then the steps' results."""
+
+    cfg: PipelineConfig
+    family: Any
+    checkpoint: Path
+    raw: RawData
+    tracking_uri: str
+    experiment_id: str
+    config_hash: str
+    storage_url: str
+    trigger: str = "manual"
+    schedule_attempt: int | None = None  # the attempt of a `maas schedule` fire
+    build: bool = True
+    resume: bool = True
+    t0: float = field(default_factory=time.perf_counter)
+    commit: str | None = None
+    run_id: str = ""  # the parent run, once started (or resumed)
+    resumed: bool = False
+    # results of the steps so far, in step order
+    report: Any = None
+    data: Dataset | None = None
+    study: Any = None
+    best: Any = None
+    model: Any = None
+    tokenizer: Any = None
+    ev: Evaluation | None = None
+    variants: Any = None
+    version: str | None = None
+    decision: Any = None
+    card: dict[str, Any] | None = None
+
+
+def log_config(cfg: PipelineConfig) -> None:
+    mlflow.log_dict(redact_obj(cfg.model_dump(mode="json")), "pipeline/config.json")
+    if cfg.source_file:  # the file as written, credentials masked
+        source = Path(cfg.source_file)
+        mlflow.log_text(redact(source.read_text()), f"pipeline/{source.name}")
+    flat = {
+        "model.family": cfg.model.family,
+        "model.checkpoint": cfg.model.checkpoint,
+        "model.max_length": cfg.model.max_length,
+        "tuning.n_trials": cfg.tuning.n_trials,
+        "tuning.max_epochs": cfg.tuning.max_epochs,
+        "tuning.pruner": cfg.tuning.pruner.type,
+        "tuning.sampler_seed": cfg.tuning.sampler_seed,
+        "metric": cfg.metric,
+        "validation.suite": cfg.validation.suite,
+    }
+    mlflow.log_params(flat)
+
+
+def validate(ctx: RunContext):
+    from validation import validate as validate_frame
+
+    cfg, raw = ctx.cfg, ctx.raw
+    frame = raw.all_rows
+    if not ctx.resumed:
+        mlflow.log_input(
+            mlflow.data.from_pandas(frame, source=raw.files["path"], name=f"{cfg.name}-data",
+                                    targets="label"),
+            context="training",
+            tags={"sha256": raw.fingerprint},
+        )
+    # under the working directory: a failed gate's printed docs path must outlive the process
+    docs = Path("maas-data-docs") / mlflow.active_run().info.run_id
+    report = validate_frame(frame[["text", "label"]], cfg.validation.suite, docs_dir=docs,
+                            examples=cfg.privacy.log_text)  # privacy: data values in report + docs
+    mlflow.log_dict(report.to_dict(), "validation/result.json")
+    if report.docs_dir and Path(report.docs_dir).is_dir():
+        mlflow.log_artifacts(str(report.docs_dir), "validation/data_docs")
+    if report.success:  # kept (and printed) only when the gate fails
+        shutil.rmtree(docs, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            docs.parent.rmdir()  # only if now empty
+    mlflow.set_tags({"maas.suite": report.suite_name,
+                     "maas.suite_success": str(report.success).lower()})
+    mlflow.log_metric("validation_success", float(report.success))
+    return report
+
+
+def tune(ctx: RunContext, heartbeat_interval: int):
+    """The Optuna study of this parent run (resumed with it), run to its budget; (study, best)."""
+    from pipelines import tuning
+
+    cfg, storage_url = ctx.cfg, ctx.storage_url
+    study_name = f"{cfg.name}-{ctx.run_id}"
+    storage = tuning.make_storage(storage_url, heartbeat_interval=heartbeat_interval)
+    study = tuning.open_study(cfg, storage, study_name)
+    mlflow.set_tags({"optuna.study": study_name, "optuna.storage": tuning.safe_url(storage_url),
+                     "optuna.sampler": type(study.sampler).__name__,
+                     "optuna.pruner": type(study.pruner).__name__})
+    objective = tuning.Objective(cfg, ctx.data, ctx.checkpoint, ctx.run_id, ctx.experiment_id)
+    tuning.run_study(study, objective, cfg.tuning.n_trials, storage_url, cfg.tuning.timeout_s)
+    tuning.log_study(study)
+    best = tuning.best_trial(study)
+    states: dict[str, int] = {}
+    for t in study.trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    mlflow.log_metrics({f"trials_{k.lower()}": v for k, v in states.items()})
+    mlflow.log_metric(f"best_val_{cfg.metric}", best.value)
+    mlflow.set_tags({"maas.best_trial": str(best.number),
+                     "maas.best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
+    mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+    return study, best
+
+
+def evaluate_best(ctx: RunContext):
+    """The best trial's checkpoint scored on the test set; (model, tokenizer, evaluation)."""
+    from pipelines.tuning import CHECKPOINT_ARTIFACT
+
+    cfg, data, family = ctx.cfg, ctx.data, ctx.family
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=ctx.best.user_attrs["mlflow_run_id"], artifact_path=CHECKPOINT_ARTIFACT,
+            dst_path=tmp)
+        model, tokenizer = family.load(Path(local))
+    ev = score(ctx, model, tokenizer, "test (challenger)")
+    mlflow.log_metrics({f"test_{k}": v for k, v in ev.metrics.items()})
+    fig = confusion_figure(ev)
+    mlflow.log_figure(fig, "evaluation/confusion_matrix.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    from validation.pii import scrub
+
+    texts = scrub(data.test.text.tolist()[:10], cfg.privacy.log_text)  # privacy.log_text
+    truth = data.names(data.test)
+    examples = [{"text": texts[i], "true": truth[i], "predicted": ev.predictions[i],
+                 "confidence": round(ev.confidences[i], 4)} for i in range(min(10, len(texts)))]
+    mlflow.log_dict({"examples": examples}, "evaluation/examples.json")
+    return model, tokenizer, ev
+
+
+def score(ctx: RunContext, model, tokenizer, desc: str) -> Evaluation:
+    cfg, data, family = ctx.cfg, ctx.data, ctx.family
+    probs = family.predict_proba(model, tokenizer, data.test.text.tolist(), cfg.model.max_length,
+                                 cfg.model.eval_batch_size, desc=desc)
+    return evaluate_predictions(data.names(data.test), probs, family.labels_of(model),
+                                list(data.id2label.values()))
+
+
+def compress(ctx: RunContext):
+    """Compression variants of the best model (child runs), and the one the gate picks."""
+    from pipelines import compression
+
+    data, family, model = ctx.data, ctx.family, ctx.model
+    labels = family.labels_of(model)
+    names = list(data.id2label.values())
+    truth = data.names(data.test)
+
+    def evaluate(probs):
+        return evaluate_predictions(truth, probs, labels, names).metrics
+
+    outcome = compression.compress(ctx.cfg, data, model, ctx.tokenizer, family, labels, evaluate)
+    log.info("variant chosen: %s", outcome.choice.reason)
+    return outcome
+
+
+def register(ctx: RunContext) -> str:
+    """Log the model and register it as a new version (the challenger); its version string."""
+    from pipelines import compression
+    from registry import register as register_model
+    from validation.pii import loggable_texts
+
+    cfg, variants, ev, study, best = ctx.cfg, ctx.variants, ctx.ev, ctx.study, ctx.best
+    info = ctx.family.log_model(  # input example as privacy.log_text allows
+        ctx.model, ctx.tokenizer, "model",
+        loggable_texts(ctx.data.test.text.tolist(), cfg.privacy.log_text, n=3))
+    variant_tags = {}
+    if variants is not None:  # the version carries its variants; fp32 is the version's model
+        variants.variants[compression.REFERENCE].model_uri = info.model_uri
+        compression.record(variants)
+        variant_tags = compression.version_tags(variants)
+    tags = {
+        "maas.pipeline": cfg.name,
+        "maas.data_fingerprint": ctx.data.fingerprint,
+        "maas.suite": ctx.report.suite_name,
+        "maas.suite_success": str(ctx.report.success).lower(),
+        "maas.study": study.study_name,
+        "maas.best_trial": str(best.number),
+        "maas.config_hash": ctx.config_hash,
+        "maas.model_uri": info.model_uri,
+        **{f"maas.metric.{k}": f"{ev.metrics[k]:.6f}" for k in ("accuracy", "f1_macro",
+                                                                "precision_macro", "recall_macro")},
+    }
+    if ctx.commit:
+        tags["maas.git_commit"] = ctx.commit
+    tags.update(variant_tags)
+    mv = register_model(info.model_uri, cfg.registry.model_name, run_id=ctx.run_id, tags=tags,
+                        description=f"{cfg.name}: best of study {study.study_name} "
+                                    f"(trial {best.number})")
+    mlflow.set_tags({"maas.registered_model": cfg.registry.model_name,
+                     "maas.registered_version": str(mv.version)})
+    return str(mv.version)
+
+
+def gate(ctx: RunContext):
+    """Champion vs challenger (and drift vs the champion); an accepted decision moves the alias."""
+    from registry import champion, promote, should_promote
+
+    cfg, version, ev = ctx.cfg, ctx.version, ctx.ev
+    name = cfg.registry.model_name
+    current = champion(name)
+    incumbent = None
+    if current is not None and str(current.version) != version:
+        model, tokenizer = ctx.family.load_logged(f"models:/{name}/{current.version}")
+        inc = score(ctx, model, tokenizer, f"test (champion v{current.version})")
+        incumbent = inc.metrics
+        mlflow.log_metrics({f"champion_test_{k}": v for k, v in inc.metrics.items()})
+        mlflow.set_tag("maas.champion_compared", str(current.version))
+    decision = should_promote(ev.metrics, incumbent, cfg.promotion.metric,
+                              cfg.promotion.min_delta, dict(cfg.promotion.thresholds))
+    if incumbent is not None:  # drift vs the champion: evidence tags, maybe a block
+        from pipelines import drift_step
+
+        decision = drift_step.check(cfg, ctx.data, version, current, inc.predictions,
+                                    ev.predictions, decision)
+    mlflow.log_dict(decision.to_dict(), "promotion/decision.json")
+    mlflow.set_tags({"maas.promoted": str(decision.promote).lower(),
+                     "maas.decision_reason": decision.reason[:5000]})
+    if current is not None and str(current.version) == version:
+        return decision  # resumed after promotion already happened
+    # a rejected decision is recorded on the version; only an accepted one moves the alias
+    promote(name, version, decision, actor="pipeline")
+    return decision
+
+
+def package(cfg: PipelineConfig):
+    """The champion built into a bento with the pipeline's ``bento:`` settings."""
+    from bentos import build_bento
+
+    built = build_bento(f"models:/{cfg.registry.model_name}@champion", cfg.bento.settings())
+    mlflow.set_tags({"maas.bento_tag": built.bento_tag, "maas.bento_model_tag": built.model_tag})
+    return built
