@@ -240,7 +240,7 @@ class PruningConfig(_Frozen):
         return data
 
     @model_validator(mode="after")
-    def _something(self) -> "PruningConfig":
+    def _not_empty(self) -> PruningConfig:
         if self.attention == 0 and self.ffn == 0:
             raise ValueError("attention and ffn are both 0: nothing to prune")
         return self

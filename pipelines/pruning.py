@@ -1,6 +1,8 @@
-"""Structured pruning of a fine-tuned BERT-style classifier: really remove attention heads, hidden
-width and FFN neurons (torch-pruning's dependency graph, Taylor importance), then recover accuracy
-with a short fine-tune distilled from the unpruned model's logits.
+"""Structured pruning of a fine-tuned BERT-style classifier: really remove FFN neurons and/or
+attention heads with the hidden width (torch-pruning's dependency graph, Taylor importance), then
+recover accuracy with a short fine-tune distilled from the unpruned model (its logits, and its
+hidden states where the width is kept). Defaults: half the FFN neurons, measured in
+docs/compression.md ("Pruning settings").
 
 The result is a smaller *dense* model whose config describes the new (uniform) shapes, so it saves
 and reloads with ``save_pretrained``/``from_pretrained``, logs with MLflow's transformers flavour and
@@ -22,7 +24,7 @@ DEFAULT_RECOVERY_EPOCHS = 2
 DEFAULT_LEARNING_RATE = 1e-4
 DEFAULT_DISTILL_ALPHA = 1.0
 DEFAULT_TEMPERATURE = 2.0
-DEFAULT_DISTILL_HIDDEN = 0.0
+DEFAULT_DISTILL_HIDDEN = 10.0
 IMPORTANCE_BATCHES = 4
 
 
