@@ -53,7 +53,7 @@ def test_config_hash_ignores_formatting(tmp_path):
     ({"compression.max_accuracy_drop": -0.1},
      "compression.max_accuracy_drop: Input should be greater than or equal to 0"),
     ({"compression.int8.mode": "awq"}, "compression.int8.mode: Input should be 'dynamic' or"),
-    ({"compression.pruning.amount": 1.0}, "compression.pruning.amount: Input should be less"),
+    ({"compression.pruning.ffn": 1.0}, "compression.pruning.ffn: Input should be less"),
     ({"compression.speed": 3}, "compression.speed: Extra inputs are not permitted"),
 ])
 def test_config_errors_name_the_field(override, message):
