@@ -159,17 +159,19 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
     config_hash = cfg.config_hash()
     storage_url = storage or cfg.tuning.storage or default_storage(tracking_uri)
     check_storage(storage_url, tracking_uri)
-    from pipelines.tuning import Busy, exclusive
+    from registry.locks import Busy, db_lock
 
     # a RUNNING run may be live in another process (not killed): never resume that one
     guard = contextlib.ExitStack()
     try:
-        guard.enter_context(exclusive(
-            storage_url, f"maas-run:{tracking_uri}:{cfg.name}:{config_hash}:{raw.fingerprint}"))
-    except Busy:
+        guard.enter_context(db_lock(
+            storage_url, f"maas-run:{tracking_uri}:{cfg.name}:{config_hash}:{raw.fingerprint}",
+            wait=False))
+    except Busy as exc:
         raise RunInProgress(
             f"pipeline {cfg.name!r} is already running on this config and data in another "
-            "process; add workers to it with `maas tune --worker`, or wait for it") from None
+            f"process ({exc.holder}); add workers to it with `maas tune --worker`, or wait for "
+            "it") from None
     with guard:
         return _run_locked(RunContext(
             cfg, family, checkpoint, raw, tracking_uri, experiment_id, config_hash, storage_url,

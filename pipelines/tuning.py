@@ -11,7 +11,6 @@ whichever worker ran it.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import socket
@@ -19,10 +18,7 @@ import tempfile
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +30,7 @@ from pipelines.config import CategoricalParam, FloatParam, IntParam, PipelineCon
 from pipelines.data import Dataset
 from pipelines.evaluation import evaluate_predictions
 from pipelines.families import get_family
+from registry.locks import db_lock
 
 log = logging.getLogger(__name__)
 
@@ -214,67 +211,10 @@ class Objective:
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-class Busy(RuntimeError):
-    """Another live process holds the lock."""
-
-
-@contextmanager
-def _db_lock(url: str, key: str, *, wait: bool) -> Iterator[None]:
-    """A lock named ``key`` that lives with the study database: a PostgreSQL session advisory lock
-    (on its own connection), or an flock on a file beside a SQLite database; other backends get no
-    lock. ``wait=False`` raises :class:`Busy` instead of waiting. A dead process's lock goes with
-    its connection / file descriptor."""
-    digest = hashlib.sha256(key.encode()).digest()
-    if url.startswith("postgresql"):
-        import sqlalchemy as sa
-
-        k = int.from_bytes(digest[:8], "big", signed=True)
-        with _lock_engine(url).connect() as conn:
-            if wait:
-                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": k})
-            elif not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": k}).scalar():
-                conn.commit()
-                raise Busy(key)
-            conn.commit()  # the lock is the session's: don't sit idle in a transaction
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": k})
-                conn.commit()
-    elif url.startswith("sqlite:///"):
-        import fcntl
-
-        db = Path(url[len("sqlite:///"):].split("?", 1)[0])  # the query may carry credentials
-        with open(db.with_name(f"{db.name}.{digest.hex()[:16]}.lock"), "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise Busy(key) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-    else:
-        yield
-
-
 def budget_lock(storage_url: str, study_name: str):
     """Serialise "is there budget left? then claim a trial" between the workers of one study (and
     first-contact schema creation, keyed by a constant name)."""
-    return _db_lock(storage_url, f"maas-budget:{study_name}", wait=True)
-
-
-def exclusive(storage_url: str, key: str):
-    """Hold ``key`` for as long as the block runs; :class:`Busy` if a live process holds it."""
-    return _db_lock(storage_url, key, wait=False)
-
-
-@lru_cache(maxsize=4)
-def _lock_engine(url: str):
-    import sqlalchemy as sa
-
-    # a run holds one connection for its whole life (exclusive) and takes short ones (budget_lock)
-    return sa.create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True)
+    return db_lock(storage_url, f"maas-budget:{study_name}", wait=True)
 
 
 def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_url: str,

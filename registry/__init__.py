@@ -2,7 +2,8 @@
 
 See :mod:`registry.promotion` for the tag layout kept on each model version,
 :mod:`registry.history` for the champion alias history, :mod:`registry.card` for model cards and
-:mod:`registry.gate` for the pure gates (challenger vs champion, which variant to serve).
+:mod:`registry.gate` for the pure gates (challenger vs champion, which variant to serve) and
+:mod:`registry.locks` for the database locks (by URL and key) that promotion and the pipelines take.
 """
 
 from registry.card import (

@@ -41,7 +41,6 @@ operator calls ``promote(name, version)`` without one to force a promotion.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from registry import locks
 from registry.gate import Decision, should_promote  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -242,7 +242,10 @@ def promote(
     attempt_key = _attempt_key(started)
     record: dict[str, Any] = {"at": _iso(started), "actor": actor,
                               "decision": None if decision is None else decision.promote}
-    with _promotion_lock(name):
+    # serialise promotions of one model (a lock in the SQLite / PostgreSQL store); a tracking
+    # server (http) has none: the alias is then read back after SETTLE_S and a lost race is
+    # recorded as ``superseded``
+    with locks.db_lock(mlflow.get_tracking_uri(), f"maas.promote:{name}", wait=True):
         return _promote_locked(client, name, version, mv, decision, actor, started,
                                attempt_key, record)
 
@@ -279,7 +282,7 @@ def _promote_locked(client, name, version, mv, decision, actor, started, attempt
         raise
 
     actual = _alias_version(client, name, CHAMPION)
-    if actual == version and not _lockable(mlflow.get_tracking_uri()):
+    if actual == version and not locks.supported(mlflow.get_tracking_uri()):
         # a tracking server offers no lock or compare-and-set on aliases: give a racing call
         # time to land its write, then look again (the last writer wins the alias)
         import time
@@ -302,51 +305,6 @@ def _promote_locked(client, name, version, mv, decision, actor, started, attempt
 
 #: seconds a promotion through a tracking server waits before reading the alias back
 SETTLE_S = 1.0
-
-
-def _lockable(uri: str) -> bool:
-    """Stores on which :func:`_promotion_lock` really serialises promotions."""
-    return uri.startswith(("sqlite:///", "postgresql"))
-
-
-@contextlib.contextmanager
-def _promotion_lock(name: str):
-    """Serialise promotions of one model: an flock beside a SQLite store, a PostgreSQL advisory
-    lock on a direct SQL store. A tracking server (http) has neither: :func:`promote` then reads
-    the alias back after :data:`SETTLE_S` and records a lost race as ``superseded``."""
-    import hashlib
-
-    uri = mlflow.get_tracking_uri()
-    key = hashlib.sha256(f"maas.promote:{name}".encode()).digest()
-    if uri.startswith("sqlite:///"):
-        import fcntl
-        from pathlib import Path
-
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])  # the query may carry credentials
-        with open(db.with_name(f"{db.name}.promote-{key.hex()[:12]}.lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-    elif uri.startswith("postgresql"):
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(uri, poolclass=sa.pool.NullPool)
-        k = int.from_bytes(key[:8], "big", signed=True)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": k})
-                conn.commit()
-                try:
-                    yield
-                finally:
-                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": k})
-                    conn.commit()
-        finally:
-            engine.dispose()
-    else:
-        yield
 
 
 def rollback(name: str, *, actor: str = "manual") -> str:

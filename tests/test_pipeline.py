@@ -213,11 +213,11 @@ def test_manual_run_refused_while_the_scheduler_holds_the_pipeline(mlflow_store,
                                                                    tiny_checkpoint):
     """The per-pipeline lock `maas schedule` takes for a fire also keeps a manual run out."""
     from pipelines.scheduling.locks import pipeline_lock
-    from pipelines.scheduling.records import make_engine, store_url
+    from pipelines.scheduling.records import store_url
 
     pipe = write_pipeline(tmp_path, tiny_checkpoint)
-    lock = pipeline_lock(make_engine(store_url(mlflow_store)), "tiny")
-    assert lock.acquire()
+    lock = pipeline_lock(store_url(mlflow_store), "tiny")
+    assert lock.acquire(wait=False)
     try:
         res = CliRunner().invoke(main, ["run", str(pipe), "--no-build"])
         assert res.exit_code == 5, res.output

@@ -550,13 +550,13 @@ def test_postgres_store_and_advisory_lock(tmp_path, env, schedulers, pg_url):
     lock (held here by the test, as another scheduler would)."""
     import sqlalchemy as sa
 
-    from pipelines.scheduling.locks import _PgLock
+    from pipelines.scheduling.locks import pipeline_lock
 
     files = [str(pipeline_file(tmp_path, "free", "0 0 1 1 *")),
              str(pipeline_file(tmp_path, "busy", "0 0 1 1 *"))]
     engine = sa.create_engine(pg_url)
-    held = _PgLock(engine, "busy")
-    assert held.acquire()
+    held = pipeline_lock(pg_url, "busy")
+    assert held.acquire(wait=False)
     try:
         s = Scheduler(tmp_path, [*files, "--run-now", "--command",
                                  child_cmd(tmp_path, "sleep:0")],

@@ -73,8 +73,8 @@ def judge(code: int, note: str | None, attempt: int, spec: FireSpec, stopping: b
 
 def fire(store: Store, children: Children, spec: FireSpec, fire_time: datetime) -> str:
     """Run the fire at ``fire_time`` to its end (success, final failure, shutdown); its outcome."""
-    lock = pipeline_lock(store.engine, spec.pipeline)
-    if not lock.acquire():
+    lock = pipeline_lock(store.url, spec.pipeline)
+    if not lock.acquire(wait=False):
         note = f"pipeline is running elsewhere (lock held by {lock.holder()})"
         log.warning("%s: fire %s skipped: %s", spec.pipeline, fmt_time(fire_time), note)
         store.record(spec.pipeline, "skipped_overlap", fire_time=fire_time, note=note)
