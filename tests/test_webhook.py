@@ -412,6 +412,10 @@ def test_promote_and_rollback_each_rebuild_one_bento(tmp_path, tiny_checkpoint, 
                 _register_twice(f"http://127.0.0.1:{relay.port}/webhook", env, tmp_path, srv.url,
                                 secret)
                 with tracking_to(srv.url):
+                    import mlflow
+
+                    # an earlier test's active experiment id means nothing on this new server
+                    mlflow.set_experiment("maas-webhook-test")
                     model, tok = load_classifier(tiny_checkpoint)
                     assert [register_classifier(model, tok, MODEL, alias="challenger")
                             for _ in range(2)] == ["1", "2"]
