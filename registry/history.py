@@ -1,9 +1,9 @@
 """The history of the ``champion`` alias: every move, from the records on the model versions.
 
-MLflow keeps no history of alias moves. :func:`registry.promotion.promote` leaves one JSON
+MLflow keeps no history of alias moves. :func:`registry.aliases.promote` leaves one JSON
 ``maas.promotion_attempt.*`` record per call on the version (the moves are the ones with outcome
 ``promoted``, or ``superseded`` when a concurrent promotion won right after) and
-:func:`registry.promotion.rollback` one ``maas.rollback.*`` record on the version it restores.
+:func:`registry.aliases.rollback` one ``maas.rollback.*`` record on the version it restores.
 The record keys carry a microsecond UTC timestamp, so sorting by key is time order.
 """
 
@@ -14,23 +14,19 @@ from typing import Any
 
 import mlflow
 
-from registry.promotion import (
-    TAG_ATTEMPT_PREFIX,
-    TAG_ROLLBACK_PREFIX,
-    _get_model,
-    _search_versions,
-)
+from registry.tags import TAG_ATTEMPT_PREFIX, TAG_ROLLBACK_PREFIX
+from registry.versions import get_model, search_versions
 
 
 def history(name: str) -> list[dict[str, Any]]:
     """Every move of ``champion`` of ``name``, oldest first: ``at`` (ISO UTC), ``actor``,
     ``event`` (``promote``, ``superseded`` = moved but lost a concurrent race, ``rollback``),
     ``from`` / ``to`` (versions; "" = none) and ``reason`` (the gate's, or why it was forced).
-    Unknown models raise :class:`registry.promotion.RegistryError`."""
+    Unknown models raise :class:`registry.versions.RegistryError`."""
     client = mlflow.MlflowClient()
-    _get_model(client, name)
+    get_model(client, name)
     events: list[tuple[str, dict[str, Any]]] = []
-    for mv in _search_versions(client, name):
+    for mv in search_versions(client, name):
         for key, value in (mv.tags or {}).items():
             event = _history_event(key, value, str(mv.version))
             if event is not None:
