@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bentos.bento_card import TAG_CARD_JSON_URI, TAG_CARD_URI, bento_card  # noqa: F401
 from bentos.settings import BentoSettings
 from bentos.variants import Variant, check_no_pickle, choose_variant, save_onnx_variant
 
@@ -42,12 +43,9 @@ RUNTIME_MODULE = "maas_runtime"
 #: the request-body guard middleware the service loads from beside itself (copied too)
 GUARD_MODULE = "maas_guard"
 CONFIG_FILENAME = "bento_config.json"
-#: the version's model card inside the bento (served at GET /card); the registry's card is found
-#: through these version tags (set by registry.card.attach_card; bentos does not import registry)
+#: the version's model card inside the bento (served at GET /card; see bentos/bento_card.py)
 CARD_FILENAME = "model_card.md"
 CARD_JSON_FILENAME = "model_card.json"
-TAG_CARD_URI = "maas.card_uri"
-TAG_CARD_JSON_URI = "maas.card_json_uri"
 #: what the service imports at serving time, pinned to the versions installed here (BentoML adds
 #: its own pinned requirement, bentoml==<installed>, to every bento)
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pydantic",
@@ -286,42 +284,34 @@ def _model_metadata(mv: Any, model_uri: str, run_id: str | None, alias: str | No
             "variant": {k: v for k, v in variant.to_dict().items() if v is not None}}
 
 
-def _bento_card(mv: Any, tags: dict[str, str], alias: str | None, variant: Variant,
-                settings: BentoSettings, model_tag: str) -> tuple[str, dict[str, Any]]:
-    """The version's model card (its ``card/`` artifacts, else its description) plus a last
-    section saying what this bento serves and its limits; the service adds the bento tag."""
-    import mlflow
+def _import_model(model_uri: str, name: str, variant: Variant, labels: dict[str, str],
+                  metadata: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The variant's files as a new model in the BentoML store: (its tag, what
+    :func:`_write_model_files` says about them)."""
+    import bentoml
 
-    name, version = mv.name, str(mv.version)
-    markdown, facts = "", {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="maas-card-") as tmp:
-            if tags.get(TAG_CARD_URI):
-                markdown = Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=tags[TAG_CARD_URI], dst_path=tmp)).read_text("utf-8")
-            if tags.get(TAG_CARD_JSON_URI):
-                facts = json.loads(Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=tags[TAG_CARD_JSON_URI], dst_path=tmp)).read_text("utf-8"))
-    except Exception:  # the bento is still built: its card then says what is missing
-        logger.warning("could not fetch the model card of %s version %s", name, version,
-                       exc_info=True)
-    if not markdown:
-        markdown = (f"# Model card: {name} version {version}\n\nNo model card was recorded for "
-                    "this version (registered outside `maas run`)."
-                    + (f"\n\n{mv.description}" if getattr(mv, "description", None) else "")
-                    + "\n")
-    limits = {k: getattr(settings, k) for k in ("max_batch_size", "max_latency_ms", "max_texts",
-                                                "max_chars", "timeout", "max_concurrency",
-                                                "workers")}
-    served = {"registry_version": f"models:/{name}/{version}", "alias": alias,
-              "variant": variant.name, "runtime": variant.runtime, "bento_model_tag": model_tag,
-              "limits": limits}
-    lines = ["", "## Served by this bento", "",
-             f"- Registry version: `models:/{name}/{version}`"
-             + (f" (built from alias `{alias}`)" if alias else ""),
-             f"- Variant: `{variant.name}` ({variant.runtime}); BentoML model `{model_tag}`",
-             "- Limits: " + ", ".join(f"{k}={v}" for k, v in limits.items())]
-    return markdown.rstrip() + "\n" + "\n".join(lines) + "\n", {**facts, "served_by": served}
+    with bentoml.models.create(name=sanitize_name(name), labels=labels,
+                               metadata=metadata) as bm:
+        files = _write_model_files(variant, Path(bm.path))
+        bm.info.metadata.update(labels=files["labels"], task=files["task"],
+                                architecture=files["architecture"])
+    model_tag = str(bm.tag)
+    logger.info("imported %s (variant %s) as BentoML model %s", model_uri, variant.name,
+                model_tag)
+    return model_tag, files
+
+
+def _bentofile(bento_name: str, labels: dict[str, str], variant: Variant,
+               description: str) -> dict[str, Any]:
+    """The ``bentofile.yaml`` contents: the service, its files, labels and pinned packages."""
+    return {
+        "service": f"{SERVICE_MODULE}:{SERVICE_CLASS}", "name": bento_name,
+        "description": description,
+        "labels": labels,
+        "include": [f"{SERVICE_MODULE}.py", f"{RUNTIME_MODULE}.py", f"{GUARD_MODULE}.py",
+                    CONFIG_FILENAME, CARD_FILENAME, CARD_JSON_FILENAME],
+        "python": {"packages": _pinned_packages(variant.runtime), "lock_packages": False},
+    }
 
 
 def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
@@ -355,29 +345,15 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
     metadata = _model_metadata(mv, model_uri, run_id, alias, settings, variant)
 
     with bentoml_store_scope() as home:
-        with bentoml.models.create(name=sanitize_name(name), labels=str_labels,
-                                   metadata=metadata) as bm:
-            files = _write_model_files(variant, Path(bm.path))
-            bm.info.metadata.update(labels=files["labels"], task=files["task"],
-                                    architecture=files["architecture"])
-        model_tag = str(bm.tag)
-        logger.info("imported %s (variant %s) as BentoML model %s", model_uri, variant.name,
-                    model_tag)
+        model_tag, files = _import_model(model_uri, name, variant, str_labels, metadata)
         config = _bento_config(model_tag, settings, metadata, variant, files)
-        bentofile = {
-            "service": f"{SERVICE_MODULE}:{SERVICE_CLASS}", "name": bento_name,
-            "description": _description(name, version, alias, run_id, variant,
-                                        files["labels"], model_tag),
-            "labels": str_labels,
-            "include": [f"{SERVICE_MODULE}.py", f"{RUNTIME_MODULE}.py", f"{GUARD_MODULE}.py",
-                        CONFIG_FILENAME, CARD_FILENAME, CARD_JSON_FILENAME],
-            "python": {"packages": _pinned_packages(variant.runtime), "lock_packages": False},
-        }
+        bentofile = _bentofile(bento_name, str_labels, variant, _description(
+            name, version, alias, run_id, variant, files["labels"], model_tag))
         try:
             with _build_context(context_dir) as ctx:
                 bento = _build_from_context(ctx, config, bentofile,
-                                            _bento_card(mv, tags, alias, variant, settings,
-                                                        model_tag))
+                                            bento_card(mv, tags, alias, variant, settings,
+                                                       model_tag))
         except BaseException:
             logger.error("bento build failed; removing the BentoML model %s", model_tag)
             with contextlib.suppress(Exception):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from bentos.processes import stop_group
 
 #: environment for the child: no usage tracking (no network here), offline hub, quiet tokenizers
 QUIET_ENV = {
@@ -50,17 +51,10 @@ class RunningServer:
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     """SIGTERM the process group of ``proc`` (started with ``start_new_session=True``), then
-    SIGKILL it after ``grace_s``."""
+    SIGKILL it after ``grace_s``; nothing when ``proc`` has already exited."""
     if proc.poll() is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    stop_group(proc, grace_s, reap_s=10)
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float,

@@ -13,7 +13,6 @@ import contextlib
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -194,25 +193,14 @@ def free_port() -> int:
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM the process group of ``proc`` (server workers, job runners), then SIGKILL."""
+    from bentos.processes import stop_group
+
     try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
+        os.getpgid(proc.pid)
+    except ProcessLookupError:  # already reaped: nothing to stop
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            break
-        proc.poll()
-        time.sleep(0.2)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+        stop_group(proc, grace_s, whole_group=True, reap_s=10, poll_s=0.2)
 
 
 # -- a real MLflow tracking server -------------------------------------------------------------

@@ -4,21 +4,14 @@ waited for (with an optional timeout), and stopped with SIGTERM, then SIGKILL af
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Sequence
 
+from bentos.processes import stop_group
+
 log = logging.getLogger(__name__)
-
-
-def _kill_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _signal_note(code: int | None) -> str | None:
@@ -72,13 +65,7 @@ class Children:
 
     def stop(self, proc: subprocess.Popen) -> None:
         """SIGTERM the child's process group, SIGKILL it after the grace (at once if killing)."""
-        _kill_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        while proc.poll() is None and time.monotonic() < deadline and not self.killing.is_set():
-            time.sleep(0.05)
-        if proc.poll() is None:
-            _kill_group(proc, signal.SIGKILL)
-        proc.wait()
+        stop_group(proc, self.grace_s, give_up=self.killing.is_set)
 
     def stop_all(self) -> None:
         """Shutdown: no new child from here on; stop the running ones in parallel."""
