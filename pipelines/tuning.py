@@ -46,9 +46,12 @@ def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials,
                                            n_warmup_steps=cfg.n_warmup_steps)
     if cfg.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource,
+                                              max_resource=max_epochs,
+                                              reduction_factor=cfg.reduction_factor)
     if cfg.type == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
+                                                      reduction_factor=cfg.reduction_factor)
     return optuna.pruners.NopPruner()
 
 
