@@ -104,3 +104,31 @@ def test_bento_section_is_bento_settings(override, message):
     assert (settings.workers, settings.torch_threads, settings.variant,
             settings.body_timeout_s) == (2, 1, "onnx-int8", 2.5)
     assert settings.to_dict() == cfg.bento.model_dump(exclude={"enabled"})
+
+
+@pytest.mark.parametrize("pruner, kind, attrs", [
+    ({"type": "median", "n_startup_trials": 2}, "MedianPruner",
+     {"_n_startup_trials": 2}),
+    ({"type": "successive_halving", "reduction_factor": 4, "min_resource": 2},
+     "SuccessiveHalvingPruner", {"_reduction_factor": 4, "_min_resource": 2}),
+    ({"type": "hyperband", "reduction_factor": 2}, "HyperbandPruner",
+     {"_reduction_factor": 2, "_max_resource": 3}),
+    ({"type": "none"}, "NopPruner", {}),
+])
+def test_pruner_settings_reach_optuna(pruner, kind, attrs):
+    """The pipeline file's pruner section builds that Optuna pruner with those settings."""
+    from pipelines.tuning import make_pruner
+
+    cfg = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml",
+                              {"tuning.pruner": pruner, "tuning.max_epochs": 3})
+    made = make_pruner(cfg.tuning.pruner, cfg.tuning.max_epochs)
+    assert type(made).__name__ == kind
+    for name, value in attrs.items():
+        assert getattr(made, name) == value
+
+
+def test_pruner_reduction_factor_must_be_at_least_two():
+    with pytest.raises(ConfigError, match="tuning.pruner.reduction_factor"):
+        PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml",
+                            {"tuning.pruner": {"type": "successive_halving",
+                                              "reduction_factor": 1}})
