@@ -53,8 +53,10 @@ class BentoSettings(BaseModel):
     variant: str | None = Field(None, description="compression variant to serve (a name in the "
                                 "version's maas.variants tag); None = the version's chosen one "
                                 "(maas.variant tag, else fp32)")
-    forward_batch_size: int = Field(4, ge=1, description="texts per forward pass: a call's texts "
-                                    "are sorted by length and run in passes of at most this many")
+    forward_batch_size: int | None = Field(None, ge=1, description="texts per forward pass: a "
+                                           "call's texts are sorted by length and run in passes "
+                                           "of at most this many; None = the size the pipeline "
+                                           "measured fastest for the variant, else 4")
     access_log: bool = Field(True, description="BentoML's per-request access log (the metrics at "
                              "/metrics stay on either way)")
     body_timeout_s: float = Field(5.0, gt=0, description="seconds to receive a whole request "

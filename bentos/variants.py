@@ -57,6 +57,7 @@ class Variant:
     accuracy_drop: float | None = None
     max_accuracy_drop: float | None = None
     texts_per_s: float | None = None
+    forward_batch_size: int | None = None  # the forward-pass size measured fastest for it
     chosen: bool = False  # True when it is the version's own choice (maas.variant)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +113,14 @@ def choose_variant(tags: dict[str, str], pinned_uri: str, requested: str | None)
     return Variant(name=name, runtime=runtime, model_uri=uri, run_id=entry.get("run_id"),
                    accuracy=entry.get("accuracy"), accuracy_drop=entry.get("accuracy_drop"),
                    max_accuracy_drop=entry.get("max_accuracy_drop"),
-                   texts_per_s=entry.get("texts_per_s"), chosen=name == chosen)
+                   texts_per_s=entry.get("texts_per_s"),
+                   forward_batch_size=_positive_int(entry.get("forward_batch_size")),
+                   chosen=name == chosen)
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else None
 
 
 def _fmt(value: Any) -> str:

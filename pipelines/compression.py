@@ -68,6 +68,7 @@ class Outcome:
                 "accuracy_drop": round(self.choice.drops[name], 6),
                 "max_accuracy_drop": self.max_drop,
                 "texts_per_s": round(f["texts_per_s"], 2),
+                "forward_batch_size": f["forward_batch_size"],
                 "p50_ms_b1": round(f["p50_ms_b1"], 3),
                 "size_mb": round(v.size_mb, 2), "params": v.params,
             }
@@ -304,19 +305,20 @@ def record(outcome: Outcome) -> None:
 
 
 def markdown_table(outcome: Outcome) -> str:
-    head = ("| variant | runtime | MB | params | texts/s b32 | p50 ms b1 | "
+    head = ("| variant | runtime | MB | params | texts/s b32 | best pass | p50 ms b1 | "
             f"{outcome.metric} | drop vs fp32 | agreement | servable |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     rows = []
     for n, v in outcome.variants.items():
         if v.error:
-            rows.append(f"| {n} | - | - | - | - | - | - | - | - | skipped: {v.error[:120]} |")
+            rows.append(f"| {n} | - | - | - | - | - | - | - | - | - | skipped: {v.error[:120]} |")
             continue
         f = v.figures
         mark = "**chosen**" if n == outcome.choice.chosen else (
             "yes" if outcome.choice.within_budget.get(n) else "no (over budget)")
         rows.append(f"| {n} | {v.runtime} | {v.size_mb:.1f} | {v.params:,} | "
-                    f"{f['texts_per_s']:.1f} | {f['p50_ms_b1']:.2f} | {f[outcome.metric]:.4f} | "
+                    f"{f['texts_per_s']:.1f} | {f['forward_batch_size']} | {f['p50_ms_b1']:.2f} | "
+                    f"{f[outcome.metric]:.4f} | "
                     f"{outcome.choice.drops[n]:+.4f} | {f['agreement_with_fp32']:.4f} | {mark} |")
     return head + "\n".join(rows) + "\n"
 

@@ -1,9 +1,13 @@
 """Measure classifiers the way they are served: probabilities on the test set in model calls of 32
-texts in the data's order, each call's texts sorted by length and run in forward passes of 4
-padded to their own longest text (as the bento's runtime does), throughput of such calls with a
-fixed thread count, and median latency of single texts. Timing rounds interleave the variants,
-so a change in the machine's load hits all of them alike instead of favouring whichever ran in
-a quiet moment.
+texts in the data's order, each call's texts sorted by length and run in forward passes padded
+to their own longest text (as the bento's runtime does), throughput of such calls with a fixed
+thread count, and median latency of single texts.
+
+Each classifier is timed at its own best forward-pass size (chosen by measurement from
+``FORWARDS``: PyTorch fp32 and ONNX Runtime int8 peak at different sizes, and a ratio against a
+size that suits only one of them would flatter the other). Timing rounds interleave the
+variants, so a change in the machine's load hits all of them alike instead of favouring
+whichever ran in a quiet moment.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 BATCH = 32
 FORWARD = 4  # texts per forward pass inside a call: bentos' default forward_batch_size
+FORWARDS = (4, 8, 16, 32)  # forward-pass sizes probed per classifier; the fastest is timed
 SPEED_TEXTS = 320  # texts per timing round (10 calls of 32)
 
 
@@ -51,6 +56,8 @@ class Measured:
     probs: np.ndarray
     texts_per_s: list[float] = field(default_factory=list)
     p50_ms_b1: float = float("nan")
+    forward: int = FORWARD  # the forward-pass size its texts/s were timed at (its best)
+    probe: dict[int, float] = field(default_factory=dict)  # forward size -> texts/s of the probe
 
 
 def predict_all(clf: Classifier, texts: list[str], batch: int = BATCH,
@@ -85,28 +92,42 @@ def torch_threads(n: int) -> Iterator[None]:
 def measure(clfs: dict[str, Classifier], texts: list[str], *, threads: int, rounds: int,
             latency_samples: int) -> dict[str, Measured]:
     """Probabilities on all ``texts`` plus speed figures for every classifier (torch ones run
-    with ``threads`` intra-op threads; ORT sessions were made with the same count)."""
+    with ``threads`` intra-op threads; ORT sessions were made with the same count): a probe
+    pass per forward size picks each classifier's best, then ``rounds`` interleaved rounds at it."""
     out: dict[str, Measured] = {}
     speed_set = texts[:SPEED_TEXTS]
     with torch_threads(threads):
         for name, clf in clfs.items():
             out[name] = Measured(probs=predict_all(clf, texts))
+        for forward in FORWARDS:
+            for name, clf in clfs.items():
+                out[name].probe[forward] = _timed(clf, speed_set, forward)
+        for m in out.values():
+            m.forward = max(m.probe, key=m.probe.__getitem__)
         for _ in range(rounds):
             for name, clf in clfs.items():
-                clf.predict_proba(speed_set[:BATCH])  # warm caches for this variant
-                t0 = time.perf_counter()
-                predict_all(clf, speed_set)
-                out[name].texts_per_s.append(len(speed_set) / (time.perf_counter() - t0))
-        singles = texts[:latency_samples]
+                out[name].texts_per_s.append(_timed(clf, speed_set, out[name].forward))
         for name, clf in clfs.items():
-            clf.predict_proba(singles[:1])
-            times = []
-            for text in singles:
-                t0 = time.perf_counter()
-                clf.predict_proba([text])
-                times.append((time.perf_counter() - t0) * 1000)
-            out[name].p50_ms_b1 = statistics.median(times)
+            out[name].p50_ms_b1 = _p50_single(clf, texts[:latency_samples])
     return out
+
+
+def _timed(clf: Classifier, texts: list[str], forward: int) -> float:
+    """texts/s of ``texts`` in calls of 32 with passes of ``forward`` (after one warm call)."""
+    clf.predict_proba(texts[:BATCH])
+    t0 = time.perf_counter()
+    predict_all(clf, texts, forward=forward)
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def _p50_single(clf: Classifier, singles: list[str]) -> float:
+    clf.predict_proba(singles[:1])
+    times = []
+    for text in singles:
+        t0 = time.perf_counter()
+        clf.predict_proba([text])
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 def figures(m: Measured, reference: np.ndarray, metrics: dict[str, float]) -> dict[str, Any]:
@@ -116,6 +137,8 @@ def figures(m: Measured, reference: np.ndarray, metrics: dict[str, float]) -> di
         "texts_per_s": statistics.median(m.texts_per_s),
         "texts_per_s_rounds": [round(v, 2) for v in m.texts_per_s],
         "p50_ms_b1": m.p50_ms_b1,
+        "forward_batch_size": m.forward,
+        "texts_per_s_by_forward": {str(k): round(v, 2) for k, v in m.probe.items()},
         "agreement_with_fp32": agree,
         "max_abs_prob_diff_vs_fp32": float(np.abs(m.probs - reference).max()),
         **metrics,

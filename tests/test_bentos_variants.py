@@ -93,6 +93,7 @@ def store(tmp_path_factory, sharp_checkpoint):
         uri, run_id = t.log_onnx_variant(onnx_path, tok, "pruned+onnx-int8")
         table["pruned+onnx-int8"] = t.variant_entry("onnxruntime", uri, run_id, accuracy=0.75,
                                                     accuracy_drop=0.05, max_accuracy_drop=0.01)
+        table["onnx"]["forward_batch_size"] = 8  # the pass size the pipeline measured best
         t.set_variants(MODEL_NAME, s["version"], table, chosen="onnx")
         yield {**s, "table": table, "model": model, "tok": tok}
 
@@ -121,13 +122,18 @@ def test_choose_variant_rules():
     pinned = "models:/m/3"
     assert choose_variant({}, pinned, None).name == "fp32"  # versions from before variants
     entry = {"runtime": "onnxruntime", "model_uri": "models:/m-1", "within_budget": True,
-             "accuracy_drop": 0.002, "max_accuracy_drop": 0.01}
+             "accuracy_drop": 0.002, "max_accuracy_drop": 0.01, "forward_batch_size": 16}
     over = {**entry, "within_budget": False, "accuracy_drop": 0.031}
     tags = {"maas.variant": "onnx", "maas.variants": json.dumps({"onnx": entry,
                                                                  "onnx-int8": over})}
     v = choose_variant(tags, pinned, None)
     assert (v.name, v.runtime, v.model_uri, v.chosen) == ("onnx", "onnxruntime", "models:/m-1",
                                                           True)
+    assert v.forward_batch_size == 16
+    for bad in (True, 0, -4, "8", 2.5):
+        odd = json.dumps({"onnx": {**entry, "forward_batch_size": bad}})
+        assert choose_variant({"maas.variants": odd, "maas.variant": "onnx"}, pinned,
+                              None).forward_batch_size is None
     fp32 = choose_variant(tags, pinned, "fp32")
     assert (fp32.runtime, fp32.model_uri, fp32.chosen) == ("torch", pinned, False)
     with pytest.raises(VariantOutOfBudget, match=r"'onnx-int8'.*0\.0310 > max_accuracy_drop "
@@ -186,6 +192,8 @@ def test_build_serves_the_chosen_variant(store, chosen):
     assert config["variant"]["model_uri"] == store["table"]["onnx"]["model_uri"]
     assert config["variant"]["onnx"]["max_positions"] == 128
     assert config["labels"] == ["negative", "positive"]
+    # no forward_batch_size in the settings: the variant's measured best pass size is baked in
+    assert config["settings"]["forward_batch_size"] == 8
 
 
 def test_build_refuses_variant_outside_budget(store):

@@ -1,0 +1,44 @@
+"""pipelines.variant_speed: every classifier is timed at the forward-pass size it runs fastest at
+(chosen by measurement), so a speed ratio never compares one variant's best against another's
+handicap. The classifiers here cost a known time per pass so that the right answer is known."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipelines.variant_speed import FORWARDS, figures, measure
+
+
+class _Costed:
+    """Probabilities after sleeping ``fixed + per_text * n ** power`` seconds per pass of n."""
+
+    runtime = "test"
+
+    def __init__(self, fixed: float, per_text: float, power: float) -> None:
+        self.fixed, self.per_text, self.power = fixed, per_text, power
+        self.passes: list[int] = []
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        self.passes.append(len(texts))
+        time.sleep(self.fixed + self.per_text * len(texts) ** self.power)
+        return np.tile([0.25, 0.75], (len(texts), 1)).astype(np.float32)
+
+
+def test_each_classifier_is_timed_at_its_own_best_forward_size():
+    texts = [f"text number {i} " + "x" * (i % 7) for i in range(64)]
+    # pass overhead dominates: the biggest pass wins; cost grows faster than the pass: the
+    # smallest wins
+    overhead = _Costed(fixed=0.004, per_text=0.00001, power=1)
+    quadratic = _Costed(fixed=0.0, per_text=0.00004, power=2)
+    out = measure({"overhead": overhead, "quadratic": quadratic}, texts, threads=1, rounds=2,
+                  latency_samples=3)
+    assert set(out["overhead"].probe) == set(FORWARDS)
+    assert out["overhead"].forward == max(FORWARDS)
+    assert out["quadratic"].forward == min(FORWARDS)
+    # the timed rounds ran at the chosen size: the last passes of each are of that size
+    assert max(overhead.passes[-4:]) == 1  # latency samples are single texts
+    f = figures(out["overhead"], out["quadratic"].probs, {"accuracy": 1.0})
+    assert f["forward_batch_size"] == max(FORWARDS) and len(f["texts_per_s_rounds"]) == 2
+    assert f["texts_per_s"] > out["overhead"].probe[min(FORWARDS)]
