@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 
@@ -88,7 +89,7 @@ class _Builder:
         self._pruned_error: str | None = None
         self._graphs: dict[str, tuple[Path, dict[str, Any]]] = {}
 
-    def with_int8(self, mode: str, per_channel: bool, workdir: Path) -> "_Builder":
+    def with_int8(self, mode: str, per_channel: bool, workdir: Path) -> _Builder:
         """A builder with other int8 settings that reuses this one's pruned model and fused
         graphs (so alternatives are compared on the same weights)."""
         comp = self.cfg.compression
