@@ -252,6 +252,13 @@ def _recover(model, teacher, tokenizer, texts, labels, teacher_logits, r: Recove
     return losses
 
 
+# Heads and channels are ranked by Taylor importance (|weight x gradient| of the cross-entropy on
+# the first ``importance_batches`` training batches, 0 = all; ``importance="magnitude"``: L2
+# weight norms) within torch-pruning groups, so coupled weights go together. ``steps`` > 1 prunes
+# iteratively: the targets are reached in equal steps, each re-ranked on the recovered model and
+# followed by its share of the ``recovery_epochs`` of AdamW on the training texts with the
+# :class:`Recovery` loss against the input model (logits, and hidden states with weight
+# ``distill_hidden`` where the widths match).
 def prune_and_recover(model, tokenizer, train_texts: list[str], train_label_ids: list[int], *,
                       attention: float = DEFAULT_ATTENTION, ffn: float = DEFAULT_FFN,
                       steps: int = DEFAULT_STEPS, recovery_epochs: int = DEFAULT_RECOVERY_EPOCHS,
@@ -269,15 +276,7 @@ def prune_and_recover(model, tokenizer, train_texts: list[str], train_label_ids:
     the heads: hidden = kept heads x head size. ``ffn``: the share of each layer's FFN neurons
     removed (0 = none); it touches nothing else. The layer count and the vocabulary are kept.
     On all-MiniLM-L6-v2, attention=0.25 keeps 9 of 12 heads and hidden 288 of 384; ffn=0.5 keeps
-    768 of 1536 FFN neurons.
-
-    Heads and channels are ranked by Taylor importance (|weight x gradient| of the cross-entropy
-    on the first ``importance_batches`` training batches, 0 = all; ``importance="magnitude"``:
-    L2 weight norms) within torch-pruning groups, so coupled weights go together. ``steps`` > 1
-    prunes iteratively: the targets are reached in equal steps, each re-ranked on the recovered
-    model and followed by its share of the ``recovery_epochs`` of AdamW on the training texts
-    with the :class:`Recovery` loss against the input model (logits, and hidden states with
-    weight ``distill_hidden`` where the widths match).
+    768 of 1536 FFN neurons. Ranking, steps and recovery: see the comment above.
     """
     import torch
 
@@ -289,10 +288,8 @@ def prune_and_recover(model, tokenizer, train_texts: list[str], train_label_ids:
     was_training = model.training
     before, old = count_params(model), _sizes(model)
     start = time.perf_counter()
-    teacher = copy.deepcopy(model).to(device).eval()
-    soft = _teacher_logits(teacher, tokenizer, texts, max_length, batch_size, device)
-    hidden = distill_hidden if schedule[-1][0] == model.config.num_attention_heads else 0.0
-    teacher = teacher if hidden > 0 else None  # the hidden-state loss runs it every step
+    teacher, soft, hidden = _teacher(model, tokenizer, texts, schedule, distill_hidden,
+                                     max_length, batch_size, device)
     student = copy.deepcopy(model).to(device)
     prune_s, recover_s, losses = time.perf_counter() - start, 0.0, []
     for i, (keep_heads, keep_ffn, epochs) in enumerate(schedule):
@@ -321,6 +318,16 @@ def prune_and_recover(model, tokenizer, train_texts: list[str], train_label_ids:
         "prune_seconds": prune_s, "recovery_seconds": recover_s,
     }
     return PruneResult(student, before[0], after[0], before[1], after[1], details)
+
+
+def _teacher(model, tokenizer, texts, schedule, distill_hidden: float, max_length: int,
+             batch_size: int, device):
+    """The fp32 teacher (kept only when the hidden-state loss needs it every step), its soft
+    logits on the training texts, and the hidden-state weight (0 when the width changes)."""
+    teacher = copy.deepcopy(model).to(device).eval()
+    soft = _teacher_logits(teacher, tokenizer, texts, max_length, batch_size, device)
+    hidden = distill_hidden if schedule[-1][0] == model.config.num_attention_heads else 0.0
+    return (teacher if hidden > 0 else None), soft, hidden
 
 
 def _sizes(model) -> dict[str, int]:

@@ -68,17 +68,7 @@ def should_promote(
     it by hand if the metric changed on purpose). ``reason`` names every failing check.
     """
     thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
-    failures: list[str] = []
-    failed: dict[str, float] = {}
-    for m, t in sorted(thresholds.items()):
-        value = _as_float(candidate.get(m))
-        if math.isnan(value):
-            failed[m] = value
-            failures.append(f"threshold {m} >= {t:g} failed: candidate has no {m}")
-        elif value < t:
-            failed[m] = value
-            failures.append(f"threshold {m} >= {t:g} failed: {m}={value:.4f}")
-
+    failures, failed = _threshold_failures(candidate, thresholds)
     cand = _as_float(candidate.get(metric))
     inc = None if incumbent is None else _as_float(incumbent.get(metric))
     delta: float | None = None
@@ -111,6 +101,22 @@ def should_promote(
     return Decision(promote=promote_, reason=reason, metric=metric, candidate=cand,
                     incumbent=inc, delta=delta, min_delta=float(min_delta),
                     thresholds=thresholds, failed_thresholds=failed)
+
+
+def _threshold_failures(candidate: dict[str, float], thresholds: dict[str, float]
+                        ) -> tuple[list[str], dict[str, float]]:
+    """The failed absolute thresholds: messages, and {metric: candidate value (NaN = missing)}."""
+    failures: list[str] = []
+    failed: dict[str, float] = {}
+    for m, t in sorted(thresholds.items()):
+        value = _as_float(candidate.get(m))
+        if math.isnan(value):
+            failed[m] = value
+            failures.append(f"threshold {m} >= {t:g} failed: candidate has no {m}")
+        elif value < t:
+            failed[m] = value
+            failures.append(f"threshold {m} >= {t:g} failed: {m}={value:.4f}")
+    return failures, failed
 
 
 def with_drift(decision: Decision, drift: str, *, breached: bool, block: bool) -> Decision:
