@@ -214,16 +214,18 @@ def warm_up(srv, payloads: list[list[str]]) -> None:
 
 def candidates(n_cores: int, sizes: list[int], fbs: int) -> list[dict[str, Any]]:
     """Served configurations to try: every core for the model vs one left to the event loop,
-    one worker vs one per core, and each batch cap; forward passes of the size that gave the
-    machine limit."""
+    one worker vs one per core (each with one runtime thread, or with every core: the runtimes
+    do not spin, so one worker's model call can use the cores the other spends on HTTP), and
+    each batch cap; forward passes of the size that gave the machine limit."""
     out = []
     for threads in sorted({n_cores, max(1, n_cores - 1)}, reverse=True):
         for size in sizes:
             out.append({"torch_threads": threads, "workers": 1, "max_batch_size": size,
                         "forward_batch_size": fbs})
     if n_cores > 1:
-        out.append({"torch_threads": 1, "workers": n_cores, "max_batch_size": sizes[0],
-                    "forward_batch_size": fbs})
+        for threads in (1, n_cores):
+            out.append({"torch_threads": threads, "workers": n_cores,
+                        "max_batch_size": sizes[0], "forward_batch_size": fbs})
     return out
 
 

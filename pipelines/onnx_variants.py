@@ -140,13 +140,11 @@ class OrtClassifier:
 
     def __init__(self, path: Path, tokenizer, max_length: int, threads: int | None = None,
                  providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
+        # the bento's own session settings, so the pipeline measures what will be served
+        from bentos.text_classifier.maas_runtime import make_session
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or cpu_cores()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), so,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.session = make_session(path, threads or cpu_cores(),
+                                    providers or ["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer, self.max_length = tokenizer, max_length
 

@@ -56,6 +56,22 @@ def has_gpu(runtime: str) -> bool:
     return torch.cuda.is_available()
 
 
+def make_session(model_file: str | Path, threads: int, providers: list[str]) -> Any:
+    """The ONNX Runtime session every MaaS ONNX variant runs in, served or measured: all graph
+    optimisations, ``threads`` intra-op threads, no busy-waiting between runs (the event loop's
+    HTTP and batching work needs those cycles; the pipeline measures variants the same way)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ort.InferenceSession(str(model_file), options, providers=providers)
+
+
 def softmax_rows(logits: Any) -> list[list[float]]:
     import numpy as np
 
@@ -165,21 +181,10 @@ class OrtRuntime:
     def __init__(self, path: str | Path, *, threads: int, onnx: dict[str, Any],
                  labels: list[str], max_tokens: int | None = None,
                  forward_batch_size: int = 4) -> None:
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
         path = Path(path)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # no busy-waiting between runs: the event loop (HTTP, batching) needs those cycles
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ort_providers()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.session = ort.InferenceSession(str(path / "model.onnx"), options,
-                                                providers=providers)
+        self.session = make_session(path / "model.onnx", threads, ort_providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = onnx.get("output_name") or "logits"
         self.tokenizer = AutoTokenizer.from_pretrained(path)
