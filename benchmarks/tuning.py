@@ -225,10 +225,14 @@ PRUNE_TARGET = {"max_best_gap": 0.01, "max_epoch_share": 1 / 3}
 
 
 def pruner_spec(name: str, startup: int) -> dict:
-    """'median' | 'none' | 'successive_halving[:RF]' | 'hyperband[:RF]' -> pipeline pruner dict."""
+    """'median' | 'none' | 'percentile[:KEEP%]' | 'successive_halving[:RF]' | 'hyperband[:RF]'
+    -> the pipeline file's pruner section."""
     kind, _, rf = name.partition(":")
     if kind == "median":
         return {"type": "median", "n_startup_trials": startup, "n_warmup_steps": 0}
+    if kind == "percentile":
+        return {"type": "percentile", "percentile": float(rf or 25), "n_startup_trials": startup,
+                "n_warmup_steps": 0}
     if kind in ("successive_halving", "hyperband"):
         return {"type": kind, "min_resource": 1, "reduction_factor": int(rf or 3)}
     if kind == "none":
@@ -299,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="median pruner n_startup_trials (1, as in pipelines/sentiment.yaml)")
     ap.add_argument("--pruners", default="none,median,successive_halving",
                     help="comma-separated pruners compared on one study setup; 'none' is the "
-                         "reference; successive_halving/hyperband take :RF (reduction factor)")
+                         "reference; successive_halving/hyperband take :RF (reduction factor), "
+                         "percentile :KEEP (the top share of completed trials kept, %%)")
     ap.add_argument("--skip-pruning", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "tuning.json")
     args = ap.parse_args(argv)

@@ -137,13 +137,15 @@ Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discrimin
 
 
 class PrunerConfig(_Frozen):
-    """Optuna pruner of the study. ``median``: n_startup_trials/n_warmup_steps;
+    """Optuna pruner of the study. ``median``: n_startup_trials/n_warmup_steps; ``percentile``:
+    the same, keeping trials in the top ``percentile`` % of the completed ones at each epoch;
     ``successive_halving``/``hyperband``: min_resource (epochs before the first rung) and
     reduction_factor (1 in reduction_factor trials goes on at each rung)."""
 
-    type: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    type: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
     n_startup_trials: int = Field(1, ge=0)
     n_warmup_steps: int = Field(0, ge=0)
+    percentile: float = Field(25.0, gt=0, lt=100)
     min_resource: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
 

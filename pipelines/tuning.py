@@ -45,6 +45,10 @@ def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner
     if cfg.type == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials,
                                            n_warmup_steps=cfg.n_warmup_steps)
+    if cfg.type == "percentile":
+        return optuna.pruners.PercentilePruner(cfg.percentile,  # keeps the top cfg.percentile %
+                                               n_startup_trials=cfg.n_startup_trials,
+                                               n_warmup_steps=cfg.n_warmup_steps)
     if cfg.type == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource,
                                               max_resource=max_epochs,

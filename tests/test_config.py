@@ -113,6 +113,8 @@ def test_bento_section_is_bento_settings(override, message):
      "SuccessiveHalvingPruner", {"_reduction_factor": 4, "_min_resource": 2}),
     ({"type": "hyperband", "reduction_factor": 2}, "HyperbandPruner",
      {"_reduction_factor": 2, "_max_resource": 3}),
+    ({"type": "percentile", "percentile": 25, "n_startup_trials": 3}, "PercentilePruner",
+     {"_percentile": 25.0, "_n_startup_trials": 3}),
     ({"type": "none"}, "NopPruner", {}),
 ])
 def test_pruner_settings_reach_optuna(pruner, kind, attrs):
