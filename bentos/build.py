@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bentos.bento_card import TAG_CARD_JSON_URI, TAG_CARD_URI, bento_card  # noqa: F401
+from bentos.bento_card import bento_card
 from bentos.settings import BentoSettings
 from bentos.variants import Variant, check_no_pickle, choose_variant, save_onnx_variant
 
@@ -43,7 +43,6 @@ RUNTIME_MODULE = "maas_runtime"
 #: the request-body guard middleware the service loads from beside itself (copied too)
 GUARD_MODULE = "maas_guard"
 CONFIG_FILENAME = "bento_config.json"
-DEFAULT_FORWARD = 4  # texts per forward pass when neither the settings nor the variant say
 #: the version's model card inside the bento (served at GET /card; see bentos/bento_card.py)
 CARD_FILENAME = "model_card.md"
 CARD_JSON_FILENAME = "model_card.json"
@@ -336,9 +335,9 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
     tags = dict(getattr(mv, "tags", None) or {})
     run_id = mv.run_id or tags.get("maas.run_id") or None
     variant = choose_variant(tags, f"models:/{name}/{version}", settings.variant)
-    if settings.forward_batch_size is None:  # the variant's measured best pass size, else 4
-        settings = settings.model_copy(
-            update={"forward_batch_size": variant.forward_batch_size or DEFAULT_FORWARD})
+    if settings.forward_batch_size is None and variant.forward_batch_size:
+        # the pass size the pipeline measured fastest for this variant (else the runtime's)
+        settings = settings.model_copy(update={"forward_batch_size": variant.forward_batch_size})
     logger.info("building a bento for %s -> %s version %s (run %s), variant %s (%s)", model_uri,
                 name, version, run_id, variant.name, variant.runtime)
     bento_name = sanitize_name(bento_name) if bento_name else sanitize_name(name)

@@ -33,13 +33,7 @@ from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bentos.webhook_rebuild import (  # noqa: F401  (TAG_BENTO* re-exported)
-    CHAMPION,
-    TAG_BENTO,
-    TAG_BENTO_BUILT_AT,
-    Rebuilder,
-    mlflow_rebuilder,
-)
+from bentos.webhook_rebuild import CHAMPION, Rebuilder, mlflow_rebuilder
 
 logger = logging.getLogger(__name__)
 

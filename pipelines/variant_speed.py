@@ -21,8 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bentos.text_classifier.maas_runtime import DEFAULT_FORWARD_BATCH
+
 BATCH = 32
-FORWARD = 4  # texts per forward pass inside a call: bentos' default forward_batch_size
+FORWARD = DEFAULT_FORWARD_BATCH  # the bento runtime's pass size when nothing else is known
 FORWARDS = (4, 8, 16, 32)  # forward-pass sizes probed per classifier; the fastest is timed
 SPEED_TEXTS = 320  # texts per timing round (10 calls of 32)
 

@@ -24,6 +24,8 @@ from typing import Any
 logger = logging.getLogger("bentoml.maas.text_classifier")
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+#: texts per forward pass when neither the bento settings nor the variant give one
+DEFAULT_FORWARD_BATCH = 4
 
 
 def cpu_cores() -> int:
@@ -120,7 +122,7 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, path: str | Path, *, threads: int, quantize: bool = False,
-                 max_tokens: int | None = None, forward_batch_size: int = 4) -> None:
+                 max_tokens: int | None = None, forward_batch_size: int = DEFAULT_FORWARD_BATCH) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -180,7 +182,7 @@ class OrtRuntime:
 
     def __init__(self, path: str | Path, *, threads: int, onnx: dict[str, Any],
                  labels: list[str], max_tokens: int | None = None,
-                 forward_batch_size: int = 4) -> None:
+                 forward_batch_size: int = DEFAULT_FORWARD_BATCH) -> None:
         from transformers import AutoTokenizer
 
         path = Path(path)
@@ -222,7 +224,7 @@ def load_runtime(variant: dict[str, Any], path: str | Path, settings: dict[str, 
                  labels: list[str], threads: int) -> TorchRuntime | OrtRuntime:
     """The runtime for the bento's variant (``bento_config.json`` ``variant``; none = torch)."""
     max_tokens = settings.get("max_tokens")
-    fbs = int(settings.get("forward_batch_size") or 4)
+    fbs = int(settings.get("forward_batch_size") or DEFAULT_FORWARD_BATCH)
     if (variant or {}).get("runtime", "torch") == "onnxruntime":
         if settings.get("quantize"):
             logger.warning("quantize=True ignored for ONNX variant %s: its graph is served as "

@@ -52,7 +52,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_batch_size": 32, "max_latency_ms": 5000, "max_texts": 64, "max_chars": 2000,
     "timeout": 30.0, "max_concurrency": 64, "workers": 1, "quantize": False,
     "service_name": None, "max_tokens": None, "torch_threads": None, "variant": None,
-    "forward_batch_size": 4, "access_log": True, "body_timeout_s": 5.0,
+    "forward_batch_size": None, "access_log": True, "body_timeout_s": 5.0,
 }
 #: refused with 415 on every route (any media type naming pickle is refused as well)
 PICKLE_MEDIA_TYPES = frozenset({
