@@ -257,8 +257,9 @@ class PruningConfig(_Frozen):
 class CompressionConfig(_Frozen):
     enabled: bool = True
     variants: list[Variant] = Field(
-        default_factory=lambda: ["onnx", "onnx-int8", "pruned", "pruned+onnx-int8"],
-        description="variants made after tuning; fp32 (the reference) always is")
+        default_factory=lambda: ["onnx", "onnx-int8"],
+        description="variants made after tuning; fp32 (the reference) always is; the pruned "
+                    "ones are opt-in (docs/compression.md)")
     max_accuracy_drop: float = Field(
         0.01, ge=0, lt=1, description="largest drop of promotion.metric vs fp32 a served "
                                       "variant may have")

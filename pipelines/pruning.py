@@ -222,14 +222,11 @@ def _recover(model, teacher, tokenizer, texts, labels, teacher_logits, r: Recove
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from pipelines.families.text_classifier import adamw
+
     generator = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(texts) / r.batch_size) * r.epochs
-    no_decay = ("bias", "LayerNorm.weight", "layernorm", "norm")
-    groups = [{"params": [p for n, p in model.named_parameters()
-                          if not any(k in n for k in no_decay)], "weight_decay": 0.01},
-              {"params": [p for n, p in model.named_parameters()
-                          if any(k in n for k in no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=r.lr)
+    optimizer = adamw(model, r.lr, 0.01)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     losses = []
     for epoch in range(r.epochs):

@@ -66,7 +66,11 @@ def test_compression_defaults_and_reference():
     cfg = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml")
     c = cfg.compression
     assert c.enabled and c.max_accuracy_drop == 0.01
-    assert {"onnx", "onnx-int8", "pruned", "pruned+onnx-int8"} <= set(c.variants)
+    assert c.variants == ["onnx", "onnx-int8"]  # pruning is opt-in (docs/compression.md)
+    assert c.pruning.ffn == 0.5 and c.pruning.recovery_epochs == 2
+    opt_in = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml", {
+        "compression.variants": ["onnx-int8", "pruned", "pruned+onnx-int8"]})
+    assert opt_in.compression.variants == ["onnx-int8", "pruned", "pruned+onnx-int8"]
     off = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml",
                               {"compression.enabled": False})
     assert not off.compression.enabled and off.config_hash() != cfg.config_hash()
