@@ -135,13 +135,14 @@ def available_providers() -> list[str]:
 
 
 class OrtClassifier:
-    """An ONNX Runtime session that maps texts to softmax probabilities."""
+    """An ONNX Runtime session that maps texts to softmax probabilities, through the bento
+    runtime's own session settings, tokenisation and softmax (so the pipeline measures and scores
+    what will be served)."""
 
     runtime = "onnxruntime"
 
     def __init__(self, path: Path, tokenizer, max_length: int, threads: int | None = None,
                  providers: list[str] | None = None) -> None:
-        # the bento's own session settings, so the pipeline measures what will be served
         from bentos.text_classifier.maas_runtime import make_session
 
         self.session = make_session(path, threads or cpu_cores(),
@@ -149,23 +150,25 @@ class OrtClassifier:
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer, self.max_length = tokenizer, max_length
 
-    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
-                             max_length=self.max_length, return_tensors="np")
-        return {n: np.asarray(enc[n], dtype=np.int64) for n in self.inputs}
-
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        logits = self.session.run(["logits"], self.encode(texts))[0].astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        """One forward pass over ``texts`` (padded to the longest); rows in input order."""
+        from bentos.text_classifier.maas_runtime import encode_chunks, session_feed, softmax_rows
+
+        out = np.empty((len(texts), 0), dtype=np.float32)
+        for idx, arrays in encode_chunks(self.tokenizer, list(texts), self.max_length,
+                                         max(1, len(texts))):
+            logits = self.session.run(["logits"], session_feed(arrays, self.inputs))[0]
+            if out.shape[1] == 0:
+                out = np.empty((len(texts), logits.shape[1]), dtype=np.float32)
+            out[idx] = np.asarray(softmax_rows(logits), dtype=np.float32)
+        return out
 
 
 def calibration_batches(tokenizer, texts: list[str], max_length: int, inputs: list[str],
                         batch_size: int = 16) -> list[dict[str, np.ndarray]]:
-    out: list[dict[str, Any]] = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], padding="longest", truncation=True,
-                        max_length=max_length, return_tensors="np")
-        out.append({n: np.asarray(enc[n], dtype=np.int64) for n in inputs})
-    return out
+    """Static quantisation's calibration inputs: ``texts`` in length-sorted batches, tokenised
+    as the service tokenises."""
+    from bentos.text_classifier.maas_runtime import encode_chunks, session_feed
+
+    return [session_feed(arrays, inputs)
+            for _, arrays in encode_chunks(tokenizer, list(texts), max_length, batch_size)]

@@ -111,6 +111,15 @@ def encode_chunks(tokenizer: Any, texts: list[str], max_tokens: int,
     return out
 
 
+def session_feed(arrays: dict[str, Any], input_names: list[str]) -> dict[str, Any]:
+    """Exactly the inputs an ONNX graph declares; one it needs that the tokenizer does not make
+    (``token_type_ids``) is zeros."""
+    import numpy as np
+
+    ids = arrays["input_ids"]
+    return {name: arrays[name] if name in arrays else np.zeros_like(ids) for name in input_names}
+
+
 def _token_limit(*limits: Any) -> int:
     sane = [int(v) for v in limits if v and 0 < int(v) < 1_000_000]
     return min(sane) if sane else 512
@@ -206,15 +215,11 @@ class OrtRuntime:
         }
 
     def probabilities(self, texts: list[str]) -> list[list[float]]:
-        import numpy as np
-
         out: list[Any] = [None] * len(texts)
         for idx, arrays in encode_chunks(self.tokenizer, texts, self.max_tokens,
                                          self.forward_batch_size):
-            ids = arrays["input_ids"]
-            feed = {name: arrays[name] if name in arrays else np.zeros_like(ids)
-                    for name in self.input_names}
-            logits = self.session.run([self.output_name], feed)[0]
+            logits = self.session.run([self.output_name],
+                                      session_feed(arrays, self.input_names))[0]
             for i, row in zip(idx, softmax_rows(logits)):
                 out[i] = row
         return out
