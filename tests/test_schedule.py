@@ -358,6 +358,10 @@ def test_bad_schedule_and_missing_schedule_exit_2(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "none of the pipelines has a `schedule`" in res.output
     res = CliRunner().invoke(main, ["schedule", "--list", "never.yaml"])
     assert res.exit_code == 0 and "never: not scheduled" in res.output
+    pipeline_file(tmp_path, "typo", "0 3 * * *", tunning={"n_trials": 2})  # the shared mapping
+    res = CliRunner().invoke(main, ["schedule", "typo.yaml"])
+    assert res.exit_code == 2 and res.output.startswith("error: ") and "tunning" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
     assert not (tmp_path / "mlflow.db").exists()  # --list creates nothing
 
 

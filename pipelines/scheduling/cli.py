@@ -10,13 +10,13 @@ from typing import Any
 
 import click
 
+from pipelines.cli_common import EXIT_CONFIG, _errors, _fail
 from pipelines.scheduling.cron import ScheduleError, build_trigger
 from pipelines.scheduling.k8s import DEFAULT_IMAGE, export_k8s
 from pipelines.scheduling.records import resolve_db
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG = 2
 NO_RETRY_DEFAULT = "2,3"  # config/usage errors and data-validation failures won't fix themselves
 
 
@@ -109,6 +109,7 @@ def _serve(items: list[tuple[Path, Any]], db_url: str, **settings: Any) -> int:
               help="Testing: run this instead of `maas run PIPELINE --trigger schedule "
                    "--schedule-attempt N` ({pipeline}, {name}, {python}, {attempt}, "
                    "{fire_time} are substituted).")
+@_errors
 def schedule_command(pipelines: tuple[Path, ...], list_: bool, last: int, export: str | None,
                      output: Path | None, image: str, db: str | None, tz: str, retries: int,
                      backoff_s: float, no_retry: str, misfire_grace_s: int,
@@ -126,8 +127,6 @@ def schedule_command(pipelines: tuple[Path, ...], list_: bool, last: int, export
     grace. Jobs and outcomes live in the MLflow tracking database (tables
     maas_scheduler_jobs, maas_schedule_runs). See docs/scheduling.md.
     """
-    from pipelines.config import ConfigError
-
     try:
         codes = _codes(no_retry)
         build_trigger("* * * * *", tz)  # the time zone is known
@@ -146,7 +145,6 @@ def schedule_command(pipelines: tuple[Path, ...], list_: bool, last: int, export
                         no_retry=frozenset(codes), misfire_grace_s=misfire_grace_s,
                         shutdown_grace_s=shutdown_grace_s, timeout_s=timeout_s, tz=tz,
                         command=command, run_now=run_now))
-    except (ConfigError, ScheduleError, click.BadParameter) as exc:
-        msg = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
-        click.echo(f"error: {msg}", err=True)
-        sys.exit(EXIT_CONFIG)
+    except (ScheduleError, click.BadParameter) as exc:  # the rest: the shared mapping (_errors)
+        _fail(exc.format_message() if isinstance(exc, click.ClickException) else exc,
+              EXIT_CONFIG)
