@@ -163,6 +163,7 @@ def run_maas(rows: int, epochs: int, build: bool) -> dict:
             sys.exit(f"maas run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         import mlflow
 
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # this run's store, said here
         run = mlflow.search_runs(experiment_names=["sentiment"],
                                  filter_string="tags.`maas.role` = 'pipeline'",
                                  output_format="list")[0]

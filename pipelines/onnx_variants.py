@@ -154,13 +154,10 @@ class OrtClassifier:
         """One forward pass over ``texts`` (padded to the longest); rows in input order."""
         from bentos.text_classifier.maas_runtime import encode_chunks, session_feed, softmax_rows
 
-        out = np.empty((len(texts), 0), dtype=np.float32)
-        for idx, arrays in encode_chunks(self.tokenizer, list(texts), self.max_length,
-                                         max(1, len(texts))):
-            logits = self.session.run(["logits"], session_feed(arrays, self.inputs))[0]
-            if out.shape[1] == 0:
-                out = np.empty((len(texts), logits.shape[1]), dtype=np.float32)
-            out[idx] = np.asarray(softmax_rows(logits), dtype=np.float32)
+        [(idx, arrays)] = encode_chunks(self.tokenizer, list(texts), self.max_length, len(texts))
+        logits = self.session.run(["logits"], session_feed(arrays, self.inputs))[0]
+        out = np.empty(logits.shape, dtype=np.float32)
+        out[idx] = softmax_rows(logits)
         return out
 
 
