@@ -11,12 +11,10 @@ safe whatever ``privacy.log_text`` says.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +82,8 @@ def collect(cfg: PipelineConfig, run_id: str, version: str, *, raw, data, report
 
 
 def _data(raw, data, report, run_id: str) -> dict[str, Any]:
-    files = [{"role": f"data.{role}", "path": path, "sha256": _sha256(Path(path)),
+    files = [{"role": f"data.{role}", "path": path,
+              "sha256": sha256_file(Path(path)) if Path(path).is_file() else None,
               "rows": len(raw.frames[role])} for role, path in raw.files.items()]
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     labels = list(data.id2label.values())
@@ -117,24 +116,10 @@ def _data_docs(run_id: str) -> str | None:
 
 
 def _checkpoint(cfg: PipelineConfig) -> dict[str, Any]:
-    from pipelines.families import get_family
+    """What the model started from: the family's own card facts."""
+    from pipelines.families import load_family
 
-    spec = cfg.model.checkpoint
-    out: dict[str, Any] = {"spec": spec, "max_length": cfg.model.max_length}
-    if spec.startswith("package:"):
-        package = spec.split(":", 1)[1]
-        out["package"] = package
-        try:
-            out["package_version"] = metadata.version(package.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            out["package_version"] = None
-    path = get_family(cfg.model.family).resolve_checkpoint(spec)
-    with open(path / "config.json", encoding="utf-8") as fh:
-        config = json.load(fh)
-    out["architecture"] = ", ".join(config.get("architectures") or []) or config.get("model_type")
-    weights = sorted(path.glob("*.safetensors"))
-    out["weights_sha256"] = _sha256(weights[0]) if len(weights) == 1 else None
-    return out
+    return load_family(cfg).card_facts()
 
 
 def _study(cfg: PipelineConfig, study, best) -> dict[str, Any]:
@@ -178,7 +163,8 @@ def _serving(cfg: PipelineConfig) -> dict[str, Any]:
             "limits": {k: getattr(cfg.bento, k) for k in SERVING_LIMITS}}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (streamed)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

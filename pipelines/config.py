@@ -46,6 +46,8 @@ class DataConfig(_Frozen):
     test_path: Path | None = None
     max_rows: int | None = Field(None, gt=0)
     split: SplitConfig = SplitConfig()
+    options: dict[str, Any] = Field(default_factory=dict, description="the family's own data "
+                                    "settings (its DataOptions schema)")
 
     @field_validator("text_column", "label_column")
     @classmethod
@@ -80,18 +82,20 @@ class ValidationConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    family: str = "text_classifier"
+    family: str = Field("text_classifier", description="a name in pipelines.families.FAMILIES "
+                        "or an import path 'package.module:FamilyClass'")
     checkpoint: str = DEFAULT_CHECKPOINT
     max_length: int = Field(128, ge=8, le=4096)
     eval_batch_size: int = Field(64, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict, description="the family's own model "
+                                    "settings (its ModelOptions schema)")
 
     @field_validator("family")
     @classmethod
     def _known_family(cls, v: str) -> str:
-        from pipelines.families import FAMILIES
+        from pipelines.families import family_class
 
-        if v not in FAMILIES:
-            raise ValueError(f"unknown model family {v!r}; known: {sorted(FAMILIES)}")
+        family_class(v)  # ValueError naming the known families or the import problem
         return v
 
 
@@ -328,6 +332,22 @@ class PipelineConfig(_Frozen):
                 raise ValueError(f"promotion.thresholds: unknown metric {m!r}")
         return self
 
+    @model_validator(mode="after")
+    def _family_options(self) -> "PipelineConfig":
+        """``model.options`` / ``data.options`` checked against the family's schemas."""
+        from pipelines.families import family_class
+
+        family = family_class(self.model.family)
+        for where, schema, value in (("model.options", family.ModelOptions, self.model.options),
+                                     ("data.options", family.DataOptions, self.data.options)):
+            try:
+                schema.model_validate(value)
+            except ValidationError as exc:
+                errs = "; ".join(f"{where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                 for e in exc.errors())
+                raise ValueError(errs) from None
+        return self
+
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "PipelineConfig":
         path = Path(path)
@@ -375,6 +395,9 @@ class PipelineConfig(_Frozen):
     def config_hash(self) -> str:
         """sha256 of the semantic config (resolved, canonical JSON); stable across formatting."""
         payload = self.model_dump(mode="json", exclude={"source_file", "description", "card"})
+        for section in ("model", "data"):  # empty options: the hash configs had before them
+            if not payload[section].get("options"):
+                payload[section].pop("options", None)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

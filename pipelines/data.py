@@ -1,7 +1,9 @@
-"""Load, fingerprint and split the pipeline's labelled text data.
+"""Load, fingerprint and split the pipeline's labelled data (any family).
 
-Every frame handed on has exactly two columns: ``text`` and ``label`` (the label values as read:
-strings or integers). Class names and ids are derived once, in :class:`Dataset`.
+The family reads each source into rows (:meth:`pipelines.families.base.Family.read`): a frame with
+the family's columns and ``label`` (the label values as read: strings or integers). Class names
+and ids are derived once, in :class:`Dataset`. :func:`read_frame`, :func:`column` and
+:func:`normalise_labels` are helpers for families whose sources are tables (CSV/TSV/Parquet/JSONL).
 """
 
 from __future__ import annotations
@@ -9,12 +11,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from pipelines.config import DataConfig
+
+if TYPE_CHECKING:
+    from pipelines.families.base import Family
 
 
 class DataError(ValueError):
@@ -61,7 +68,7 @@ def fingerprint_files(paths: dict[str, Path]) -> str:
     return h.hexdigest()
 
 
-def _check_regular_file(path: Path, role: str) -> None:
+def check_regular_file(path: Path, role: str) -> None:
     """DataError unless ``path`` is a readable regular file; the message says what it is."""
     try:
         mode = path.stat().st_mode
@@ -79,9 +86,9 @@ def _check_regular_file(path: Path, role: str) -> None:
         raise DataError(f"data.{role}: {path} is not a regular file ({kind})")
 
 
-def read_table(path: Path, cfg: DataConfig, role: str) -> pd.DataFrame:
-    """Read one file into a (text, label) frame; raises DataError naming file and column."""
-    _check_regular_file(path, role)
+def read_frame(path: Path, cfg: DataConfig, role: str) -> pd.DataFrame:
+    """One table file as read (all its columns); raises DataError naming the file."""
+    check_regular_file(path, role)
     fmt = cfg.format
     if fmt == "auto":
         suffix = "".join(path.suffixes[-1:]).lower()
@@ -106,13 +113,18 @@ def read_table(path: Path, cfg: DataConfig, role: str) -> pd.DataFrame:
         raise DataError(f"data.{role}: cannot read {path} as {fmt}: {exc}") from None
     if len(df) == 0:
         raise DataError(f"data.{role}: {path} has no data rows")
-    text = _column(df, cfg.text_column, "text_column", path)
-    label = _column(df, cfg.label_column, "label_column", path)
-    out = pd.DataFrame({"text": text.values, "label": _labels(label).values})
-    return out
+    return df
 
 
-def _column(df: pd.DataFrame, col: str | int, field_name: str, path: Path) -> pd.Series:
+def read_table(path: Path, cfg: DataConfig, role: str) -> pd.DataFrame:
+    """Read one file into a (text, label) frame; raises DataError naming file and column."""
+    df = read_frame(path, cfg, role)
+    text = column(df, cfg.text_column, "text_column", path)
+    label = column(df, cfg.label_column, "label_column", path)
+    return pd.DataFrame({"text": text.values, "label": normalise_labels(label).values})
+
+
+def column(df: pd.DataFrame, col: str | int, field_name: str, path: Path) -> pd.Series:
     if isinstance(col, int) and col not in df.columns:
         if col >= df.shape[1]:
             raise DataError(
@@ -128,8 +140,8 @@ def _column(df: pd.DataFrame, col: str | int, field_name: str, path: Path) -> pd
     return df[col]
 
 
-def _labels(s: pd.Series) -> pd.Series:
-    """Integers stay integers ("1" from a CSV becomes 1); anything else stays as read."""
+def normalise_labels(s: pd.Series) -> pd.Series:
+    """Label values: integers stay integers ("1" from a CSV becomes 1); anything else stays as read."""
     if s.dtype == object:
         stripped = s.map(lambda v: v.strip() if isinstance(v, str) else v)
         as_int = pd.to_numeric(stripped, errors="coerce")
@@ -154,17 +166,21 @@ class RawData:
         return pd.concat([f.assign(source=r) for r, f in self.frames.items()], ignore_index=True)
 
 
-def load_data(cfg: DataConfig) -> RawData:
-    """Read the configured files and fingerprint them (sha256 of their bytes)."""
+def load_data(cfg: DataConfig, family: Family | None = None) -> RawData:
+    """Read the configured sources into rows (``family.read``; None: a text table) and
+    fingerprint them (``family.fingerprint``; None: :func:`fingerprint_files`)."""
     files = {"path": cfg.path}
     if cfg.validation_path:
         files["validation_path"] = cfg.validation_path
     if cfg.test_path:
         files["test_path"] = cfg.test_path
-    frames = {role: read_table(p, cfg, role) for role, p in files.items()}
+    read: Callable[[Path, str], pd.DataFrame] = (
+        family.read if family is not None else (lambda p, role: read_table(p, cfg, role)))
+    frames = {role: read(p, role) for role, p in files.items()}
     if cfg.max_rows is not None:
         frames["path"] = frames["path"].iloc[: cfg.max_rows]
-    return RawData(frames, {k: str(v) for k, v in files.items()}, fingerprint_files(files))
+    fingerprint = family.fingerprint(files) if family is not None else fingerprint_files(files)
+    return RawData(frames, {k: str(v) for k, v in files.items()}, fingerprint)
 
 
 def split_data(raw: RawData, cfg: DataConfig) -> Dataset:
