@@ -64,6 +64,7 @@ def main(verbose: bool) -> None:
     """MaaS: turn a labelled data set into a served model.
 
     \b
+    maas init DATA --test TEST    write NAME.yaml (+ its suite) for a data file or image folder
     maas run                      run pipelines/sentiment.yaml on the embedded default
     maas run my.yaml --set tuning.n_trials=1
     maas models NAME              versions, aliases, metrics, promotion decisions
@@ -78,13 +79,14 @@ def main(verbose: bool) -> None:
 
 
 def _register_subcommands() -> None:
+    from pipelines.cli_init import init
     from pipelines.cli_registry import build, card, models, promote, rollback
     from pipelines.cli_run import run, tune, validate
     from pipelines.cli_suite import suite
     from pipelines.cli_webhook import webhook
     from pipelines.scheduling.cli import schedule_command
 
-    for command in (run, tune, validate, promote, rollback, models, card, build, suite, webhook):
+    for command in (init, run, tune, validate, promote, rollback, models, card, build, suite, webhook):
         main.add_command(command)
     main.add_command(schedule_command, "schedule")
 
