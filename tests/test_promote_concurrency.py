@@ -12,7 +12,8 @@ the alias, and the loser reads the alias back before the winner's write lands, B
 Rollback from the winner goes to the old champion (not to the loser), which is the sane result.
 
 Stores: SQLite (the ``mlflow_store`` fixture; both processes open the same file) and, marked
-``postgres``, a real ``mlflow server`` on PostgreSQL (the processes talk HTTP to it).
+``postgres``, a real ``mlflow server`` on PostgreSQL (the processes talk HTTP to it; the session's
+shared ``tracking_server``, with a model name of this test's own).
 """
 
 from __future__ import annotations
@@ -22,23 +23,23 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-import warnings
+import uuid
 from pathlib import Path
 
 import pytest
-from helpers import communicate_all, fresh_pg_database
+from helpers import GATE, communicate_all, log_echo_model, open_gate
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 3
 
-# `maas promote` itself (pipelines.cli:main), started by a tiny launcher that waits for a common
-# wall-clock instant so that both processes have imported everything and really overlap.
+# `maas promote` itself (pipelines.cli:main), started by a tiny launcher that imports everything
+# the command needs, then waits at a start gate (helpers.GATE) that the test opens for both
+# processes at once, so that they really overlap.
 _LAUNCH = textwrap.dedent("""\
-    import sys, time
+    import sys
+    import mlflow, registry  # noqa: F401  (what `maas promote` imports lazily)
     from pipelines.cli import main
-    start_at = float(sys.argv[1])
-    time.sleep(max(0.0, start_at - time.time()))
+    """) + GATE + textwrap.dedent("""\
     sys.argv = ["maas", *sys.argv[2:]]
     main()
     """)
@@ -47,39 +48,32 @@ _LAUNCH = textwrap.dedent("""\
 def _echo_model_and_versions(name: str, n: int) -> list[str]:
     """Log a tiny pyfunc model once and register it ``n`` times (one run per version)."""
     import mlflow
-    import mlflow.pyfunc
 
     from registry import register
 
-    class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input: list[str], params=None) -> list[str]:
-            return model_input
-
-    mlflow.set_experiment("promote-concurrency")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with mlflow.start_run():
-            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(),
-                                           pip_requirements=[])
+    model_uri, _ = log_echo_model("promote-concurrency")
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("promote-concurrency").experiment_id
     versions = []
     for _ in range(n):
         run = client.create_run(exp)
         client.set_terminated(run.info.run_id)
-        versions.append(str(register(info.model_uri, name, run_id=run.info.run_id).version))
+        versions.append(str(register(model_uri, name, run_id=run.info.run_id).version))
     return versions
 
 
 def _race(name: str, versions: list[str], env: dict, cwd: Path) -> list[tuple[int, str, str]]:
     launcher = cwd / "launch_promote.py"
     launcher.write_text(_LAUNCH)
-    start_at = time.time() + 12  # two interpreters importing mlflow + click on 2 cores
     env = {**env, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, str(launcher), str(start_at), "promote", name, v],
-                              cwd=cwd, env={**env, "USER": f"racer-{v}"},
+    ready = [cwd / f"ready-{name}-{v}" for v in versions]
+    for f in ready:
+        f.unlink(missing_ok=True)
+    procs = [subprocess.Popen([sys.executable, str(launcher), str(f), "promote", name, v],
+                              cwd=cwd, env={**env, "USER": f"racer-{v}"}, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for v in versions]
+             for v, f in zip(versions, ready, strict=True)]
+    open_gate(procs, ready, timeout_s=180)
     return communicate_all(procs, timeout=180)
 
 
@@ -154,12 +148,11 @@ def test_concurrent_cli_promotions_sqlite(mlflow_store, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_concurrent_cli_promotions_postgres_server(tmp_path, tmp_path_factory):
+def test_concurrent_cli_promotions_postgres_server(tmp_path, tracking_server):
     import mlflow
-    from helpers import client_env, mlflow_server, tracking_to
+    from helpers import client_env, tracking_to
 
-    folder = tmp_path_factory.mktemp("promote-server")
-    with fresh_pg_database("maas_srv") as backend, mlflow_server(folder, backend) as srv:
-        with tracking_to(srv.url):
-            _run_rounds("race-pg", client_env(srv), tmp_path)
-        assert mlflow.get_tracking_uri() != srv.url
+    srv = tracking_server  # shared with other tests: a model name of its own
+    with tracking_to(srv.url):
+        _run_rounds(f"race-pg-{uuid.uuid4().hex[:6]}", client_env(srv), tmp_path)
+    assert mlflow.get_tracking_uri() != srv.url

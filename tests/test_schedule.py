@@ -2,7 +2,8 @@
 
 Most tests replace the pipeline command with a cheap child (the hidden ``--command``, given the
 attempt and fire time as arguments) that appends ``NAME start|end|term TIME ATTEMPT PID FIRE``
-lines to a file; one slow test runs `maas run`.
+lines to a file (``armed`` once a child's SIGTERM handler is in place); one slow test runs
+`maas run`.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ elif kind == "polite":
     def on_term(*_):
         w("term"); sys.exit(143)
     signal.signal(signal.SIGTERM, on_term)
+    w("armed")
     time.sleep(120)
 elif kind == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    w("armed")
     time.sleep(120)
 w("end")
 '''
@@ -160,6 +163,18 @@ def wait_for(pred, timeout: float, what: str, sched: Scheduler | None = None):
         time.sleep(0.1)
     out = sched.output() if sched is not None else ""
     pytest.fail(f"timed out waiting for {what}\n--- scheduler output ---\n{out}")
+
+
+def _list_in_process(files: list[str], env: dict[str, str]):
+    """`maas schedule --list FILES` in this process (Click's runner; the cwd is the test's
+    folder): only its parsing and output are under test, not a process boundary."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    keys = ("MLFLOW_TRACKING_URI",)
+    return CliRunner().invoke(main, ["schedule", "--list", *files],
+                              env={k: env[k] for k in keys}, catch_exceptions=False)
 
 
 def ts(text: str) -> datetime:
@@ -443,10 +458,8 @@ def test_retry_with_backoff_and_no_retry_for_exit_2_and_3(tmp_path, env, schedul
     assert "SIGKILL" in crash[0]["note"]
 
     # --list: next fire times from the job store and the recent outcomes
-    listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "schedule", "--list",
-                             *files], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert listed.returncode == 0, listed.stderr
+    listed = _list_in_process(files, env)
+    assert listed.exit_code == 0, listed.output
     next_jan = f"{datetime.now(timezone.utc).year + 1}-01-01 00:00:00Z"
     out = listed.stdout
     assert out.count(f"next fire {next_jan}") == len(names), out
@@ -466,9 +479,9 @@ def test_shutdown_terminates_children_and_keeps_the_job_store(tmp_path, env, sch
     s = Scheduler(tmp_path, [*files, "--run-now", "--shutdown-grace", "1.5", "--command",
                              dispatch], env)
     schedulers.append(s)
-    wait_for(lambda: {e[0] for e in events(tmp_path) if e[1] == "start"} == set(names), 20,
-             "both children to start", s)
-    time.sleep(0.3)  # let the children install their signal handlers
+    # both children started and have their SIGTERM handlers installed
+    wait_for(lambda: {e[0] for e in events(tmp_path) if e[1] == "armed"} == set(names), 20,
+             "both children to start and install their signal handlers", s)
     t0 = time.monotonic()
     assert s.stop(sig) == 0, s.output()
     took = time.monotonic() - t0
@@ -544,10 +557,8 @@ def test_misfire_coalesced_into_one_catch_up_run_within_grace(tmp_path, env, sch
     (missed,) = rows(db, "yearly")
     assert missed["outcome"] == "missed" and missed["attempt"] is None
     assert not any(e[0] == "yearly" for e in events(tmp_path))
-    listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "schedule", "--list",
-                             files[1]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert f"next fire {now.year + 1}-01-01 00:00:00Z" in listed.stdout, listed.stdout
+    listed = _list_in_process([files[1]], env)
+    assert f"next fire {now.year + 1}-01-01 00:00:00Z" in listed.stdout, listed.output
 
 
 @pytest.mark.postgres

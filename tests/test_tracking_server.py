@@ -7,7 +7,8 @@
   routes: refused, nothing written outside the artifacts destination, the secret never read;
 * eight processes registering versions of one model at once: versions 1..8, none lost.
 
-Every server is started in its own process group on 127.0.0.1 and killed with it afterwards.
+The servers (conftest.py: one plain, one basic-auth, each once per session and shared with other
+modules) run in their own process groups on 127.0.0.1 and are killed with them afterwards.
 """
 
 from __future__ import annotations
@@ -18,19 +19,18 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import (
     ADMIN_PASSWORD,
+    GATE,
     REPO,
     Server,
     client_env,
     communicate_all,
-    fresh_pg_database,
     log_echo_model,
-    mlflow_server,
+    open_gate,
     request,
     tracking_to,
     write_pipeline,
@@ -40,21 +40,28 @@ pytestmark = [pytest.mark.postgres]
 
 
 # --------------------------------------------------------------------------------------------
-# Fixtures (the basic-auth ``auth_server`` is in conftest.py: tests/test_hardening.py uses it)
+# Fixtures: the plain ``tracking_server`` (one per session, shared with other modules: every test
+# here uses its own experiment and model names) and the basic-auth ``auth_server`` are in
+# conftest.py.
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    """A plain (no auth) tracking server on a fresh PostgreSQL database, proxied artifacts."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    with fresh_pg_database("maas_srv") as backend, mlflow_server(folder, backend) as srv:
-        yield srv
+@pytest.fixture
+def server(tracking_server) -> Server:
+    return tracking_server
 
 
 # --------------------------------------------------------------------------------------------
 # a. The pipeline through the server
 # --------------------------------------------------------------------------------------------
+
+
+def _artifact_dir(experiment) -> str:
+    """The experiment's folder under the server's artifacts destination (proxied artifacts:
+    ``mlflow-artifacts:/<id>``)."""
+    location = experiment.artifact_location
+    assert location.startswith("mlflow-artifacts:"), location
+    return location.removeprefix("mlflow-artifacts:").strip("/")
 
 
 def _maas(args: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -119,7 +126,8 @@ def test_pipeline_through_tracking_server_then_build_from_alias(
         assert [a["outcome"] for a in attempts] == ["promoted"]
         assert client.get_model_version_by_alias(name, "challenger").version == mv.version
         # the model's files went through the proxy into the server's artifacts destination
-        assert any(p.name == "MLmodel" for p in server.artifacts.rglob("MLmodel"))
+        # (the experiment's own folder there: the server is shared with other tests)
+        assert any((server.artifacts / _artifact_dir(exp)).rglob("MLmodel"))
         # the Optuna study is in PostgreSQL, not in MLflow
         import optuna
 
@@ -209,6 +217,7 @@ def test_auth_user_drives_registry_other_user_kept_out(auth_server, tmp_path):
         # the champion's files come back through the authenticated artifact proxy
         loaded = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
         assert list(loaded.predict(["x"])) == ["x"]
+        exp = mlflow.get_experiment_by_name(f"auth-exp-{alice}")
 
     # bob (authenticated, no grant; default_permission NO_PERMISSIONS) cannot read or move it
     q = f"name={name}"
@@ -228,7 +237,7 @@ def test_auth_user_drives_registry_other_user_kept_out(auth_server, tmp_path):
     assert request(srv, "GET", f"/api/2.0/mlflow/registered-models/get?{q}")[0] == 401
 
     # the proxied artifact API follows the experiment's permissions: the model's files
-    mlmodel = next(p for p in srv.artifacts.rglob("MLmodel"))
+    mlmodel = next((srv.artifacts / _artifact_dir(exp)).rglob("MLmodel"))  # alice's model
     rel = mlmodel.relative_to(srv.artifacts).as_posix()
     assert request(srv, "GET", f"{ART}/{rel}", auth=(alice, alice_pw))[0] == 200
     assert request(srv, "GET", f"{ART}/{rel}")[0] == 401
@@ -392,8 +401,8 @@ _REGISTER = textwrap.dedent("""\
     import sys, time, warnings
     warnings.simplefilter("ignore")
     from registry import register
-    model_uri, name, run_id, start_at = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    time.sleep(max(0.0, start_at - time.time()))
+    """) + GATE + textwrap.dedent("""\
+    model_uri, name, run_id = sys.argv[2], sys.argv[3], sys.argv[4]
     t0 = time.time()
     mv = register(model_uri, name, run_id=run_id, tags={"maas.metric.accuracy": "0.5"})
     print(f"{mv.version} {mv.status} {time.time() - t0:.2f}")
@@ -416,11 +425,13 @@ def test_eight_parallel_registrations_get_versions_1_to_8(server, tmp_path):
             run_ids.append(run.info.run_id)
     script = tmp_path / "register_one.py"
     script.write_text(_REGISTER)
-    start_at = time.time() + 20  # all 8 interpreters have imported mlflow by then (2 cores)
     env = client_env(server, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, str(script), model_uri, name, rid, str(start_at)],
-                              env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rid in run_ids]
+    ready = [tmp_path / f"ready-{i}" for i in range(len(run_ids))]
+    procs = [subprocess.Popen([sys.executable, str(script), str(f), model_uri, name, rid],
+                              env=env, cwd=tmp_path, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for f, rid in zip(ready, run_ids, strict=True)]
+    open_gate(procs, ready, timeout_s=240)  # all 8 have imported mlflow: released at once
     outs = communicate_all(procs, timeout=240)
     failed = [(rc, err[-2000:]) for rc, _, err in outs if rc != 0]
     assert not failed, f"{len(failed)} of 8 registrations failed: {failed[:2]}"

@@ -4,9 +4,9 @@
 * the receiver app in process with a recording build function: what is built, what is refused;
 * marked ``postgres`` and ``slow``: a real ``mlflow server`` on PostgreSQL delivering to a real
   ``maas webhook serve`` (through a recording relay on 127.0.0.1, so that a delivery can be
-  replayed byte for byte): ``maas promote`` 1, ``maas promote`` 2 and ``maas rollback`` each
-  rebuild exactly one bento and tag it on the version; a replay, a duplicate event, a forged and
-  a tampered delivery build nothing.
+  replayed byte for byte): ``maas promote`` 1, ``maas promote`` 2 and ``maas rollback`` (in
+  process) each rebuild exactly one bento and tag it on the version; a replay, a duplicate
+  event, a forged and a tampered delivery build nothing.
 """
 
 from __future__ import annotations
@@ -385,61 +385,65 @@ def _maas(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_promote_and_rollback_each_rebuild_one_bento(tmp_path, tiny_checkpoint, monkeypatch):
-    from cryptography.fernet import Fernet
-    from helpers import client_env, fresh_pg_database, mlflow_server, tracking_to
+def test_promote_and_rollback_each_rebuild_one_bento(tmp_path, tiny_checkpoint, monkeypatch,
+                                                      tracking_server):
+    from click.testing import CliRunner
+    from helpers import client_env, tracking_to
     from mlflow import MlflowClient
 
     from bentos.testing import load_classifier, register_classifier
+    from pipelines.cli import main
 
     secret = uuid.uuid4().hex + uuid.uuid4().hex
     home = tmp_path / "bentoml"
-    # the tracking server's side: http and loopback receivers allowed (local test only), one
-    # Fernet key for the webhook secrets shared by its workers
-    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
-    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
-    monkeypatch.setenv("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", Fernet.generate_key().decode())
+    # the session's tracking server allows http and loopback receivers (local test only) and
+    # has one Fernet key for the webhook secrets shared by its workers (conftest.py)
     monkeypatch.setenv("BENTOML_HOME", str(home))
     monkeypatch.delenv("MAAS_WEBHOOK_SECRET", raising=False)  # only the test's own secret
-    (tmp_path / "srv").mkdir()
-    with (fresh_pg_database("maas_wh") as backend,
-          mlflow_server(tmp_path / "srv", backend) as srv):
-        env = client_env(srv, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True",
-                         MAAS_WEBHOOK_SECRET=secret)
-        with _receiver(env, tmp_path) as (receiver, port, log):
-            relay = Relay(port)
-            try:
-                _register_twice(f"http://127.0.0.1:{relay.port}/webhook", env, tmp_path, srv.url,
-                                secret)
+    srv = tracking_server
+    env = client_env(srv, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True",
+                     MAAS_WEBHOOK_SECRET=secret)
+    with _receiver(env, tmp_path) as (receiver, port, log):
+        relay = Relay(port)
+        try:
+            _register_twice(f"http://127.0.0.1:{relay.port}/webhook", env, tmp_path, srv.url,
+                            secret)
+            with tracking_to(srv.url):
+                import mlflow
+
+                # an earlier test's active experiment id means nothing on this server
+                mlflow.set_experiment("maas-webhook-test")
+                model, tok = load_classifier(tiny_checkpoint)
+                assert [register_classifier(model, tok, MODEL, alias="challenger")
+                        for _ in range(2)] == ["1", "2"]
+            tags_by_step = []
+            for n, (args, version) in enumerate([(["promote", MODEL, "1"], "1"),
+                                                 (["promote", MODEL, "2"], "2"),
+                                                 (["rollback", MODEL], "1")], start=1):
+                with tracking_to(srv.url):  # in process: the server's delivery is the point
+                    moved = CliRunner().invoke(main, args, catch_exceptions=False)
+                assert moved.exit_code == 0 and f"{MODEL}@champion = version {version}" in \
+                    moved.output, moved.output
+                # a late duplicate build of any step shows in the final count and skip count
+                # (_replays_and_forgeries_build_nothing, after its observation window)
+                status = _wait_builds(port, n, receiver, log)
+                assert len(status["builds"]) == n, status
+                built = status["builds"][-1]
+                assert built["version"] == version and len(_bento_tags(home)) == n
                 with tracking_to(srv.url):
-                    import mlflow
+                    mv = MlflowClient().get_model_version(MODEL, version)
+                assert mv.tags["maas.bento_tag"] == built["bento_tag"]
+                tags_by_step.append(built["bento_tag"])
+            assert len(set(tags_by_step)) == 3 and sorted(tags_by_step) == _bento_tags(home)
 
-                    # an earlier test's active experiment id means nothing on this new server
-                    mlflow.set_experiment("maas-webhook-test")
-                    model, tok = load_classifier(tiny_checkpoint)
-                    assert [register_classifier(model, tok, MODEL, alias="challenger")
-                            for _ in range(2)] == ["1", "2"]
-                tags_by_step = []
-                for n, (args, version) in enumerate([(["promote", MODEL, "1"], "1"),
-                                                     (["promote", MODEL, "2"], "2"),
-                                                     (["rollback", MODEL], "1")], start=1):
-                    _maas(args, env, tmp_path)
-                    _wait_builds(port, n, receiver, log)
-                    time.sleep(2)  # a second build, were there one, would be queued by now
-                    status = _wait_builds(port, n, receiver, log)
-                    assert len(status["builds"]) == n, status
-                    built = status["builds"][-1]
-                    assert built["version"] == version and len(_bento_tags(home)) == n
-                    with tracking_to(srv.url):
-                        mv = MlflowClient().get_model_version(MODEL, version)
-                    assert mv.tags["maas.bento_tag"] == built["bento_tag"]
-                    tags_by_step.append(built["bento_tag"])
-                assert len(set(tags_by_step)) == 3 and sorted(tags_by_step) == _bento_tags(home)
-
-                _replays_and_forgeries_build_nothing(relay, port, secret, receiver, log)
-                assert len(_bento_tags(home)) == 3
-            finally:
-                relay.close()
+            _replays_and_forgeries_build_nothing(relay, port, secret, receiver, log)
+            assert len(_bento_tags(home)) == 3
+        finally:
+            relay.close()
+            with tracking_to(srv.url):  # the shared server delivers to nobody after this test
+                for hook in MlflowClient().list_webhooks():
+                    if hook.name == webhook_name(MODEL):
+                        MlflowClient().delete_webhook(hook.webhook_id)
 
 
 @contextlib.contextmanager
@@ -522,7 +526,7 @@ def _replays_and_forgeries_build_nothing(relay: Relay, port: int, secret: str, r
     status, _ = _post(port, path, {**headers, DELIVERY_ID_HEADER: did}, tampered)
     assert status == 401
 
-    time.sleep(2)
+    time.sleep(2)  # observation window: a duplicate delivery of any step would be queued by now
     final = _wait_builds(port, 3, receiver, log)
     assert len(final["builds"]) == 3 and final["skipped"] == 1, final
     assert final["deliveries"]["rejected"] >= 3
