@@ -1,11 +1,13 @@
-"""Package a registered MLflow text classifier as a BentoML bento.
+"""Package a registered MLflow model (any family) as a BentoML bento.
 
 ``build_bento("models:/NAME@champion")`` resolves the alias to a pinned registry version, picks
 the compression variant to serve (``bentos.variants``: the version's ``maas.variant`` tag or
-``settings.variant``; never one outside its accuracy budget), writes its files (safetensors +
-tokenizer, or a single-file ONNX graph + tokenizer; never pickle) into a new model in the BentoML
-model store, and builds a bento from the service in ``bentos/text_classifier/`` (``service.py``
-and its runtime module ``maas_runtime.py``). The service reads a ``bento_config.json`` written
+``settings.variant``; never one outside its accuracy budget), writes its files (never pickle:
+safetensors + tokenizer for the transformers flavour, a single-file ONNX graph + extra files for
+ONNX variants, else the logged model's artifact folder as it is) into a new model in the BentoML
+model store, and builds a bento from the version's service folder (``bentos.service_spec``: the
+``maas.service`` tag, default ``bentos/text_classifier/``), with the packages of its serving
+runtime (``bentos.runtimes``). The service reads a ``bento_config.json`` written
 beside it in the build context (model tag, variant, batching, limits, traffic), so ``bentoml
 serve <bento_tag>`` needs no environment variables. The version's model card (``maas.card_uri``
 tag, written by ``registry.card``) goes in as ``model_card.md``/``.json``, served at ``GET /card``.
@@ -30,28 +32,25 @@ from pathlib import Path
 from typing import Any
 
 from bentos.bento_card import bento_card
+from bentos.runtimes import runtime as serving_runtime
+from bentos.service_spec import ServiceSpec, service_spec
 from bentos.settings import BentoSettings
 from bentos.variants import Variant, check_no_pickle, choose_variant, save_onnx_variant
 
 logger = logging.getLogger(__name__)
 
+#: the text classifier's service folder and files (the default service; others: service_spec)
 SERVICE_DIR = Path(__file__).resolve().parent / "text_classifier"
 SERVICE_MODULE = "service"
 SERVICE_CLASS = "TextClassifier"
-#: the model-runtime module the service loads from beside itself (copied into every bento)
+#: the model-runtime module the text service loads from beside itself (copied into every bento)
 RUNTIME_MODULE = "maas_runtime"
-#: the request-body guard middleware the service loads from beside itself (copied too)
+#: the request-body guard middleware the text service loads from beside itself (copied too)
 GUARD_MODULE = "maas_guard"
 CONFIG_FILENAME = "bento_config.json"
 #: the version's model card inside the bento (served at GET /card; see bentos/bento_card.py)
 CARD_FILENAME = "model_card.md"
 CARD_JSON_FILENAME = "model_card.json"
-#: what the service imports at serving time, pinned to the versions installed here (BentoML adds
-#: its own pinned requirement, bentoml==<installed>, to every bento)
-SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pydantic",
-                    "uvloop", "httptools")  # uvicorn picks these up: C event loop + HTTP parser
-#: added for ONNX Runtime variants
-ORT_PACKAGES = ("onnxruntime", "numpy")
 #: label keys written on the BentoML model and the bento
 LABEL_MANAGED = "maas.managed"
 LABEL_NAME = "mlflow.model_name"
@@ -106,8 +105,9 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
 
 def bentoml_home() -> Path:
     """The BentoML home this process uses now (``$BENTOML_HOME``, else ``~/bentoml``)."""
+    default = os.path.join(os.path.expanduser("~"), "bentoml")
     return Path(os.path.expandvars(os.path.expanduser(
-        os.environ.get("BENTOML_HOME", os.path.join(os.path.expanduser("~"), "bentoml"))))).resolve()
+        os.environ.get("BENTOML_HOME", default)))).resolve()
 
 
 @contextlib.contextmanager
@@ -123,20 +123,6 @@ def bentoml_store_scope() -> Iterator[Path]:
 
     with stores_at(bentoml_home()) as home:
         yield home
-
-
-def _pinned_packages(runtime: str = "torch") -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for pkg in SERVING_PACKAGES + (ORT_PACKAGES if runtime == "onnxruntime" else ()):
-        try:
-            v = version(pkg)
-        except PackageNotFoundError:
-            pins.append(pkg)
-            continue
-        pins.append(f"{pkg}=={v.split('+', 1)[0]}")  # drop local labels such as +cpu / +cu124
-    return pins
 
 
 def _resolve_version(name: str, alias: str | None, version: str | None):
@@ -202,13 +188,14 @@ def _build_context(context_dir: str | Path | None) -> Iterator[Path]:
 
 
 def write_build_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any],
-                        card: tuple[str, dict[str, Any]] | None = None) -> None:
-    """The service file, its runtime module, ``bento_config.json``, the model card (Markdown +
-    JSON, when given) and a ``bentofile.yaml``."""
+                        card: tuple[str, dict[str, Any]] | None = None,
+                        service: ServiceSpec | None = None) -> None:
+    """The service's files (``service``, default: the text classifier's) and the runtime table,
+    ``bento_config.json``, the model card (Markdown + JSON, when given) and a
+    ``bentofile.yaml``."""
     import yaml
 
-    for module in (SERVICE_MODULE, RUNTIME_MODULE, GUARD_MODULE):
-        shutil.copy2(SERVICE_DIR / f"{module}.py", ctx / f"{module}.py")
+    (service or service_spec({})).copy_into(ctx)
     (ctx / CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     if card is not None:
         (ctx / CARD_FILENAME).write_text(card[0], "utf-8")
@@ -227,23 +214,51 @@ def _serve_command(bento_tag: str, home: Path) -> str:
 def _write_model_files(variant: Variant, dest: Path) -> dict[str, Any]:
     """The variant's files into the BentoML model folder ``dest``; returns what the service needs
     to know about them (labels, runtime, and for ONNX the graph's inputs/output/limits)."""
-    if variant.runtime == "onnxruntime":
+    if serving_runtime(variant.runtime).model_file:  # an ONNX graph + its extra files
         meta = save_onnx_variant(variant, dest)
         return {"labels": [str(x) for x in meta["labels"]], "task": "text-classification",
-                "architecture": "onnx",
+                "architecture": "onnx", "flavor": "onnx",
                 "onnx": {k: meta.get(k) for k in ("input_names", "output_name", "max_length",
                                                    "max_positions", "dtype")}}
+    info = _model_info(variant.model_uri)
+    if "transformers" not in info.flavors:
+        return _write_logged_model(variant, info, dest)
     model, tokenizer, task = _load_components(variant.model_uri)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     _check_no_pickle(dest)
     return {"labels": _labels_of(model), "task": task or "text-classification",
-            "architecture": type(model).__name__}
+            "architecture": type(model).__name__, "flavor": "transformers"}
+
+
+def _model_info(model_uri: str):
+    from mlflow.models import get_model_info
+
+    return get_model_info(model_uri)
+
+
+def _write_logged_model(variant: Variant, info: Any, dest: Path) -> dict[str, Any]:
+    """Any other flavour: the logged model's folder as it is (its family's service reads it);
+    labels from the model's ``metadata.labels``."""
+    import mlflow
+
+    labels = [str(x) for x in ((info.metadata or {}).get("labels") or [])]
+    if not labels:
+        raise ValueError(f"{variant.model_uri} has no metadata.labels (log the model with "
+                         "metadata={'labels': [...]} in probability-column order)")
+    with tempfile.TemporaryDirectory(prefix="maas-model-") as tmp:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=variant.model_uri,
+                                                          dst_path=tmp))
+        check_no_pickle(folder)
+        shutil.copytree(folder, dest, dirs_exist_ok=True)
+    flavor = next((f for f in info.flavors if f != "python_function"), "python_function")
+    return {"labels": labels, "task": "classification", "flavor": flavor,
+            "architecture": ",".join(sorted(info.flavors))}
 
 
 def _description(name: str, version: str, alias: str | None, run_id: str | None,
                  variant: Variant, labels: list[str], model_tag: str) -> str:
-    return (f"MaaS text classifier: MLflow model `{name}` version {version}"
+    return (f"MaaS model: MLflow model `{name}` version {version}"
             f"{f' (alias `{alias}`)' if alias else ''}, run `{run_id}`; variant "
             f"`{variant.name}` ({variant.runtime}); labels {labels}; BentoML model "
             f"`{model_tag}`.")
@@ -257,17 +272,18 @@ def _bento_config(model_tag: str, settings: BentoSettings, metadata: dict[str, A
         "mlflow": {k: metadata[k] for k in ("mlflow_model_name", "mlflow_version",
                                             "mlflow_run_id", "alias", "model_uri")},
         "labels": files["labels"],
+        "flavor": files["flavor"],
         "variant": {**variant.to_dict(), **({"onnx": files["onnx"]} if "onnx" in files
                                            else {})},
     }
 
 
 def _build_from_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, Any],
-                        card: tuple[str, dict[str, Any]] | None = None):
+                        card: tuple[str, dict[str, Any]] | None, service: ServiceSpec):
     import bentoml
 
-    write_build_context(ctx, config, bentofile, card)
-    with _fresh_module(SERVICE_MODULE, RUNTIME_MODULE):
+    write_build_context(ctx, config, bentofile, card, service)
+    with _fresh_module(*service.modules):
         # the same call as the `bentoml build <ctx>` CLI
         return bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx))
 
@@ -302,15 +318,17 @@ def _import_model(model_uri: str, name: str, variant: Variant, labels: dict[str,
 
 
 def _bentofile(bento_name: str, labels: dict[str, str], variant: Variant,
-               description: str) -> dict[str, Any]:
+               description: str, service: ServiceSpec) -> dict[str, Any]:
     """The ``bentofile.yaml`` contents: the service, its files, labels and pinned packages."""
+    from bentos.service_spec import RUNTIMES_FILE
+
     return {
-        "service": f"{SERVICE_MODULE}:{SERVICE_CLASS}", "name": bento_name,
+        "service": service.entry, "name": bento_name,
         "description": description,
         "labels": labels,
-        "include": [f"{SERVICE_MODULE}.py", f"{RUNTIME_MODULE}.py", f"{GUARD_MODULE}.py",
+        "include": [*(p.name for p in service.files), RUNTIMES_FILE,
                     CONFIG_FILENAME, CARD_FILENAME, CARD_JSON_FILENAME],
-        "python": {"packages": _pinned_packages(variant.runtime), "lock_packages": False},
+        "python": {"packages": service.packages(variant.runtime), "lock_packages": False},
     }
 
 
@@ -335,6 +353,7 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
     tags = dict(getattr(mv, "tags", None) or {})
     run_id = mv.run_id or tags.get("maas.run_id") or None
     variant = choose_variant(tags, f"models:/{name}/{version}", settings.variant)
+    service = service_spec(tags)
     if settings.forward_batch_size is None and variant.forward_batch_size:
         # the pass size the pipeline measured fastest for this variant (else the runtime's)
         settings = settings.model_copy(update={"forward_batch_size": variant.forward_batch_size})
@@ -351,12 +370,12 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
         model_tag, files = _import_model(model_uri, name, variant, str_labels, metadata)
         config = _bento_config(model_tag, settings, metadata, variant, files)
         bentofile = _bentofile(bento_name, str_labels, variant, _description(
-            name, version, alias, run_id, variant, files["labels"], model_tag))
+            name, version, alias, run_id, variant, files["labels"], model_tag), service)
         try:
             with _build_context(context_dir) as ctx:
                 bento = _build_from_context(ctx, config, bentofile,
                                             bento_card(mv, tags, alias, variant, settings,
-                                                       model_tag))
+                                                       model_tag), service)
         except BaseException:
             logger.error("bento build failed; removing the BentoML model %s", model_tag)
             with contextlib.suppress(Exception):

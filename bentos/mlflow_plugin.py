@@ -54,7 +54,9 @@ TARGET = "bentoml"
 PLUGIN_KEYS = ("url", "host", "port")
 LABEL_URL = "maas.url"
 URL_ENV = "MAAS_BENTOML_URL"
-SUPPORTED_FLAVORS = (None, "transformers")
+#: MLflow flavours the target serves: transformers (text), onnx (ONNX variants), python_function
+#: (a family's own model logged from code, served by its family's service; see bentos/build.py)
+SUPPORTED_FLAVORS = (None, "transformers", "onnx", "python_function", "pyfunc")
 
 
 def _check_name(name: str) -> str:
@@ -69,7 +71,8 @@ def _check_name(name: str) -> str:
 def _check_flavor(flavor: str | None) -> None:
     if flavor not in SUPPORTED_FLAVORS:
         raise MlflowException(f"flavor {flavor!r} is not supported by the bentoml target: "
-                              "it serves transformers text classifiers (flavor 'transformers')",
+                              f"it serves MaaS models of the flavours "
+                              f"{[f for f in SUPPORTED_FLAVORS if f]}",
                               error_code=INVALID_PARAMETER_VALUE)
 
 
@@ -80,7 +83,8 @@ def _split_config(config: dict[str, Any] | None) -> tuple[BentoSettings, dict[st
         settings = BentoSettings.from_mapping(config)
     except ValueError as exc:
         raise MlflowException(f"bad bentoml deployment config: {exc} (plugin keys: "
-                              f"{list(PLUGIN_KEYS)})", error_code=INVALID_PARAMETER_VALUE) from None
+                              f"{list(PLUGIN_KEYS)})",
+                              error_code=INVALID_PARAMETER_VALUE) from None
     return settings, plugin
 
 
@@ -114,7 +118,7 @@ def _describe(name: str, bentos: list[Any]) -> dict[str, Any]:
     serve = f"bentoml serve {tag} --host 127.0.0.1 --port 3000"
     return {
         "name": name,
-        "flavor": "transformers",
+        "flavor": config.get("flavor") or "transformers",
         "bento_tag": tag,
         "model_tag": config.get("model_tag", ""),
         "model_name": labels.get(LABEL_NAME, ""),

@@ -1,14 +1,16 @@
 """Compression variants of a registered model version: which one to serve, and its files.
 
-The registered version ``models:/NAME/V`` is the fp32 transformers model; the pipeline records the
-variants it made in two model-version tags:
+The registered version ``models:/NAME/V`` is the fp32 model (served in the runtime of its tag
+``maas.runtime``, default ``torch``); the pipeline records the variants it made in two
+model-version tags:
 
 - ``maas.variant``: the chosen variant's name (absent on older versions: ``fp32``);
 - ``maas.variants``: JSON ``{name: {"runtime": "torch" | "onnxruntime", "model_uri": ...,
   "run_id": ..., "within_budget": bool, "accuracy": float, "accuracy_drop": float,
   "max_accuracy_drop": float, "texts_per_s": float}}``.
 
-``torch`` variants are transformers-flavour models; ``onnxruntime`` variants are ``mlflow.onnx``
+Runtimes are the keys of ``bentos.runtimes.RUNTIMES``. ``torch`` variants of the text family are
+transformers-flavour models; ``onnxruntime`` variants are ``mlflow.onnx``
 models whose artifact folder holds ``model.onnx`` (one file) and ``extra_files/`` with the
 tokenizer files and ``maas_variant.json`` (labels in logit order, input names, output name).
 A variant outside its accuracy budget is never served.
@@ -27,12 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bentos.runtimes import RUNTIMES as RUNTIME_TABLE
+
 logger = logging.getLogger(__name__)
 
 TAG_VARIANT = "maas.variant"
 TAG_VARIANTS = "maas.variants"
+#: the serving runtime of the version's own (fp32) model, set by its family (default torch)
+TAG_RUNTIME = "maas.runtime"
 DEFAULT_VARIANT = "fp32"
-RUNTIMES = ("torch", "onnxruntime")
+#: the runtimes a variant may name (the serving-runtime table's)
+RUNTIMES = tuple(RUNTIME_TABLE)
 ONNX_FILE = "model.onnx"
 VARIANT_FILE = "maas_variant.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -79,7 +86,8 @@ def variant_table(tags: dict[str, str], pinned_uri: str) -> dict[str, dict[str, 
                              "{name: {runtime, model_uri, within_budget, ...}}")
     fp32 = dict(table.get(DEFAULT_VARIANT) or {})
     # fp32 is the registered version itself: always servable, loaded from the pinned version
-    fp32.update(runtime="torch", model_uri=pinned_uri, within_budget=True)
+    fp32.update(runtime=tags.get(TAG_RUNTIME) or "torch", model_uri=pinned_uri,
+                within_budget=True)
     return {**table, DEFAULT_VARIANT: fp32}
 
 

@@ -21,7 +21,7 @@ def _errors(fn):
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from pipelines.config import ConfigError
         from pipelines.data import DataError
-        from pipelines.families.text_classifier import CheckpointError
+        from pipelines.families.base import FamilyError
         from pipelines.run import (
             RunInProgress,
             TrackingPermissionDenied,
@@ -32,7 +32,7 @@ def _errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, CheckpointError, SuiteError, UnknownSuiteError) as exc:
+        except (ConfigError, FamilyError, SuiteError, UnknownSuiteError) as exc:
             _fail(exc, EXIT_CONFIG)
         except (DataError, ValidationFailed) as exc:
             _fail(exc, EXIT_DATA)

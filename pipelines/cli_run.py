@@ -133,11 +133,13 @@ def validate(pipeline: Path | None) -> None:
     """Check a pipeline's config and data against its expectation suite only (no MLflow run)."""
     from pipelines.config import PipelineConfig
     from pipelines.data import load_data
+    from pipelines.families import load_family
     from validation import validate as gx_validate
 
     cfg = PipelineConfig.load(pipeline or DEFAULT_PIPELINE)
-    raw = load_data(cfg.data)
-    report = gx_validate(raw.all_rows[["text", "label"]], cfg.validation.suite)
+    family = load_family(cfg)
+    raw = load_data(cfg.data, family)
+    report = gx_validate(family.profile(raw.all_rows), cfg.validation.suite)
     click.echo(report.summary())
     if not report.success:
         sys.exit(EXIT_DATA)

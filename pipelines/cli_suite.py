@@ -42,6 +42,7 @@ def suite_init(pipeline: Path, out: Path | None, name: str | None, force: bool, 
 
     from pipelines.config import ConfigError, PipelineConfig
     from pipelines.data import load_data
+    from pipelines.families import load_family
     from validation import validate as gx_validate
 
     cfg = PipelineConfig.load(pipeline)
@@ -50,8 +51,9 @@ def suite_init(pipeline: Path, out: Path | None, name: str | None, force: bool, 
     if target.exists() and not force:
         raise ConfigError(f"{target}: a suite already exists there; pass --force to overwrite "
                           "it, or --out to write elsewhere")
-    raw = load_data(cfg.data)
-    frame = raw.all_rows[["text", "label"]]
+    family = load_family(cfg)
+    raw = load_data(cfg.data, family)
+    frame = family.profile(raw.all_rows)
     suite_name = name or target.name.removesuffix(".json").removesuffix(".suite")
     spec = _draft(frame, raw, suite_name, share_tolerance=share_tolerance, pii=pii)
     target.parent.mkdir(parents=True, exist_ok=True)

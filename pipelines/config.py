@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bentos.settings import BentoSettings
 
@@ -30,8 +37,10 @@ class _Frozen(BaseModel):
 
 
 class SplitConfig(_Frozen):
-    validation: float = Field(0.2, gt=0, lt=1, description="share of the source held out for tuning")
-    test: float = Field(0.2, gt=0, lt=1, description="share held out for the test set (no test_path)")
+    validation: float = Field(0.2, gt=0, lt=1,
+                              description="share of the source held out for tuning")
+    test: float = Field(0.2, gt=0, lt=1,
+                        description="share held out for the test set (no test_path)")
     seed: int = 42
 
 
@@ -216,7 +225,8 @@ Variant = Literal["fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+
 
 class Int8Config(_Frozen):
     mode: Literal["dynamic", "static"] = Field(
-        "dynamic", description="ORT dynamic quantisation, or static (QDQ) calibrated on train rows")
+        "dynamic",
+        description="ORT dynamic quantisation, or static (QDQ) calibrated on train rows")
     per_channel: bool = True
     calibration_rows: int = Field(128, ge=8, description="train rows for static calibration")
 
@@ -358,7 +368,8 @@ class PipelineConfig(_Frozen):
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: malformed YAML: {exc}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+            raise ConfigError(f"{path}: expected a mapping at the top level, "
+                              f"got {type(raw).__name__}")
         for dotted, value in (overrides or {}).items():
             _set_dotted(raw, dotted, value)
         return cls.from_dict(raw, base_dir=path.parent, source=path)

@@ -141,7 +141,8 @@ def column(df: pd.DataFrame, col: str | int, field_name: str, path: Path) -> pd.
 
 
 def normalise_labels(s: pd.Series) -> pd.Series:
-    """Label values: integers stay integers ("1" from a CSV becomes 1); anything else stays as read."""
+    """Label values: integers stay integers ("1" from a CSV becomes 1); anything else stays as
+    read."""
     if s.dtype == object:
         stripped = s.map(lambda v: v.strip() if isinstance(v, str) else v)
         as_int = pd.to_numeric(stripped, errors="coerce")
@@ -205,7 +206,8 @@ def split_data(raw: RawData, cfg: DataConfig) -> Dataset:
     )
 
 
-def _split(df: pd.DataFrame, share: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _split(df: pd.DataFrame, share: float, seed: int,
+           what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     from sklearn.model_selection import train_test_split
 
     labels = df.label

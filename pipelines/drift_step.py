@@ -1,7 +1,8 @@
 """The drift check inside the promotion step.
 
-Every pipeline run logs a profile of its training split (``data/profile.json``: label counts,
-text-length histogram, hashed word counts; no raw text). At promotion the champion's profile is
+Every pipeline run logs its family's drift profile of its training split
+(``data/profile.json``; text: label counts, text-length histogram, hashed word counts; no raw
+data). At promotion the champion's profile is
 found through its version's run (``maas.run_id``), compared with the challenger's, together with
 both models' predictions on the challenger's test set; the figures become tags on the
 challenger's version (``maas.drift.*``) and ``promotion/drift.json`` on the run, and the verdict is
@@ -11,7 +12,6 @@ folded into the gate's decision (``promotion.drift.mode: block`` stops a breache
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import mlflow
@@ -20,8 +20,9 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.config import DriftConfig, PipelineConfig
 from pipelines.data import Dataset
+from pipelines.families.base import Family
 from registry import Decision, with_drift
-from validation.drift import DataProfile, DriftReport, DriftThresholds, compare, profile_data
+from validation.drift import DataProfile, DriftReport, DriftThresholds, compare
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,13 @@ SALT_ENV = "MAAS_PROFILE_SALT"
 TAG_PREFIX = "maas.drift."
 
 
-def training_profile(data: Dataset) -> DataProfile:
-    """The profile of the training split, labels by class name."""
-    return profile_data(data.train.text.tolist(), data.names(data.train),
-                        salt=os.environ.get(SALT_ENV, ""))
+def training_profile(family: Family, data: Dataset) -> DataProfile:
+    """The family's drift profile of the training split, labels by class name."""
+    return family.drift_profile(data.train, data.names(data.train))
 
 
-def log_profile(data: Dataset) -> DataProfile:
-    prof = training_profile(data)
+def log_profile(family: Family, data: Dataset) -> DataProfile:
+    prof = training_profile(family, data)
     mlflow.log_dict(prof.to_dict(), PROFILE_ARTIFACT)
     return prof
 
@@ -70,7 +70,7 @@ def thresholds(cfg: DriftConfig) -> DriftThresholds:
                            max_disagreement=cfg.max_disagreement)
 
 
-def check(cfg: PipelineConfig, data: Dataset, version: str, champion_mv: Any,
+def check(cfg: PipelineConfig, family: Family, data: Dataset, version: str, champion_mv: Any,
           champion_predictions: list[str] | None, predictions: list[str],
           decision: Decision) -> Decision:
     """Compare the challenger ``version`` with ``champion_mv``, record the evidence on the version
@@ -79,7 +79,8 @@ def check(cfg: PipelineConfig, data: Dataset, version: str, champion_mv: Any,
     if not dc.enabled:
         return decision
     ref_run = champion_mv.tags.get("maas.run_id") or champion_mv.run_id
-    report = compare(reference_profile(ref_run), training_profile(data), champion_predictions,
+    report = compare(reference_profile(ref_run), training_profile(family, data),
+                     champion_predictions,
                      predictions, thresholds(dc))
     context = {"mode": dc.mode, "reference_version": str(champion_mv.version),
                "reference_run_id": ref_run or ""}

@@ -45,7 +45,7 @@ def evaluate_predictions(
     pc, rc, _, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, average=None, zero_division=0
     )
-    for lab, pv, rv in zip(labels, pc, rc):
+    for lab, pv, rv in zip(labels, pc, rc, strict=True):
         metrics[f"precision.{_safe(lab)}"] = float(pv)
         metrics[f"recall.{_safe(lab)}"] = float(rv)
     cm = confusion_matrix(y_true, y_pred, labels=all_labels)

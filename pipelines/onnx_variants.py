@@ -1,4 +1,5 @@
-"""ONNX variants of a transformers text classifier: export, graph fusion, int8 quantisation, and
+"""ONNX variants of a transformers text classifier (the text family's; sessions as the serving
+runtime table, ``bentos.runtimes``, sets them up): export, graph fusion, int8 quantisation, and
 an ONNX Runtime session that predicts probabilities.
 
 Everything here is a maintained library's public API: ``torch.onnx.export`` (TorchScript exporter,
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,9 @@ _DEFAULT_TENSOR_FLOAT = 1  # onnx.TensorProto.FLOAT: type for tensors made by fu
 
 
 def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    from bentos.runtimes import cpu_cores as cores
+
+    return cores()
 
 
 def export(model, tokenizer, path: Path, max_length: int) -> list[str]:
@@ -127,11 +126,9 @@ class _Calibration:
 
 def available_providers() -> list[str]:
     """Execution providers to use, fastest first: TensorRT, CUDA when present, always CPU."""
-    import onnxruntime as ort
+    from bentos.runtimes import ort_providers
 
-    have = ort.get_available_providers()
-    order = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    return [p for p in order if p in have] or ["CPUExecutionProvider"]
+    return ort_providers()
 
 
 class OrtClassifier:
@@ -143,10 +140,10 @@ class OrtClassifier:
 
     def __init__(self, path: Path, tokenizer, max_length: int, threads: int | None = None,
                  providers: list[str] | None = None) -> None:
-        from bentos.text_classifier.maas_runtime import make_session
+        from bentos.runtimes import runtime
 
-        self.session = make_session(path, threads or cpu_cores(),
-                                    providers or ["CPUExecutionProvider"])
+        self.session = runtime(self.runtime).session(path, threads or cpu_cores(),
+                                                     providers or ["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer, self.max_length = tokenizer, max_length
 

@@ -5,8 +5,8 @@ hidden states where the width is kept). Defaults: half the FFN neurons, measured
 docs/compression.md ("Pruning settings").
 
 The result is a smaller *dense* model whose config describes the new (uniform) shapes, so it saves
-and reloads with ``save_pretrained``/``from_pretrained``, logs with MLflow's transformers flavour and
-exports to ONNX like the original.
+and reloads with ``save_pretrained``/``from_pretrained``, logs with MLflow's transformers flavour
+and exports to ONNX like the original.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _structure(model) -> tuple[Any, list[Any], Any]:
              if isinstance(m, torch.nn.Linear) and not n.startswith(f"{model.base_model_prefix}.")]
     if not ok or not heads or heads[-1].out_features != cfg.num_labels:
         raise ValueError(f"cannot prune {name}: structured pruning supports BERT-style sequence "
-                         "classifiers (embeddings + encoder.layer[i].attention.self.query/key/value,"
+                         "classifiers (embeddings + "
+                         "encoder.layer[i].attention.self.query/key/value,"
                          " intermediate.dense, output.dense, a classification head)")
     if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise ValueError(f"cannot prune {name}: position_embedding_type="
@@ -129,7 +130,8 @@ def _prune_step(model, tokenizer, texts, labels, keep_heads: int, keep_ffn: int,
     else:
         raise ValueError(f"importance must be 'taylor' or 'magnitude', not {importance!r}")
     num_heads = {lin: heads for layer in layers for lin in
-                 (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value)}
+                 (layer.attention.self.query, layer.attention.self.key,
+                  layer.attention.self.value)}
     # torch-pruning keeps int(width * (1 - ratio)) channels and removes ceil(heads * ratio) heads:
     # a hair under the exact ratio makes both come out exact (hidden = kept heads x head size).
     head_ratio = max((heads - keep_heads) / heads - 1e-6, 0.0)
@@ -156,7 +158,8 @@ def _sync_config(model, keep_heads: int) -> None:
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     if len(ffn) != 1 or qkv != {hidden} or hidden != keep_heads * head_dim:
         raise RuntimeError(f"pruning gave non-uniform shapes (hidden {hidden}, q/k/v {qkv}, "
-                           f"FFN {ffn}, {keep_heads} heads x {head_dim}); config cannot describe it")
+                           f"FFN {ffn}, {keep_heads} heads x {head_dim}); config cannot "
+                           "describe it")
     for layer in layers:
         att = layer.attention.self
         att.num_attention_heads = keep_heads
@@ -210,7 +213,7 @@ def _step_loss(model, teacher, enc, target, soft_logits, r: Recovery):
         mask = enc["attention_mask"].unsqueeze(-1).to(out.logits.dtype)
         norm = mask.sum() * out.hidden_states[0].shape[-1]
         mse = [((s - t) ** 2 * mask).sum() / norm
-               for s, t in zip(out.hidden_states[1:], ref[1:])]
+               for s, t in zip(out.hidden_states[1:], ref[1:], strict=True)]
         loss = loss + r.hidden * torch.stack(mse).mean()
     return loss
 
@@ -222,7 +225,7 @@ def _recover(model, teacher, tokenizer, texts, labels, teacher_logits, r: Recove
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from pipelines.families.text_classifier import adamw
+    from pipelines.families.text_classifier_model import adamw
 
     generator = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(texts) / r.batch_size) * r.epochs

@@ -4,10 +4,11 @@ load + fingerprint -> validate (GX gate) -> split -> tune (Optuna, nested runs) 
 -> register (challenger) -> champion vs challenger gate -> promote -> model card
 -> package (bento; the card then names it).
 
-Each step is a function of one ``RunContext`` (pipelines/steps.py holds the work inside them).
-Nothing after a failed step runs. A run that was killed (still RUNNING in MLflow) is resumed when the
-same pipeline runs again on the same data (same config hash and data fingerprint): same parent run,
-same Optuna study, finished trials kept; registration is idempotent per parent run.
+Each step takes the run's ``RunInputs`` and the typed, frozen results of the steps
+before it (pipelines/steps.py holds the work in them); ``RunResult`` is built once, at the end.
+Nothing after a failed step runs. A run that was killed (still RUNNING in MLflow) is resumed when
+the same pipeline runs again on the same data (same config hash and data fingerprint): same
+parent run, same Optuna study, finished trials kept; registration is idempotent per parent run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import mlflow
@@ -28,9 +29,9 @@ from mlflow import MlflowClient
 from pipelines import card_facts, steps
 from pipelines.config import PipelineConfig
 from pipelines.data import load_data, split_data
-from pipelines.families import get_family
+from pipelines.families import load_family
 from pipelines.redact import redact, redact_obj
-from pipelines.steps import RunContext
+from pipelines.steps import Candidate, RunInputs
 from pipelines.tracking_setup import (
     check_storage,
     check_suite,
@@ -40,7 +41,7 @@ from pipelines.tracking_setup import (
     optuna_summaries,
 )
 
-__all__ = ["RunContext", "RunInProgress", "RunResult", "TrackingPermissionDenied",
+__all__ = ["RunInProgress", "RunInputs", "RunResult", "TrackingPermissionDenied",
            "ValidationFailed", "check_storage", "check_suite", "configure_tracking",
            "default_storage", "find_unfinished_run", "git_commit", "is_permission_error",
            "join_study", "open_experiment", "optuna_summaries", "run_pipeline", "step"]
@@ -151,10 +152,10 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
                  schedule_attempt: int | None = None) -> RunResult:
     """Run the whole pipeline; raise on the first failing step (the parent run is then FAILED)."""
     t0 = time.perf_counter()
-    family = get_family(cfg.model.family)
-    checkpoint = family.resolve_checkpoint(cfg.model.checkpoint)  # fail before any work
+    family = load_family(cfg)
+    family.check()  # fail before any work
     check_suite(cfg.validation.suite)
-    raw = load_data(cfg.data)
+    raw = load_data(cfg.data, family)
     tracking_uri, experiment_id = open_experiment(cfg)
     config_hash = cfg.config_hash()
     storage_url = storage or cfg.tuning.storage or default_storage(tracking_uri)
@@ -173,133 +174,130 @@ def run_pipeline(cfg: PipelineConfig, *, trigger: str = "manual", storage: str |
             f"process ({exc.holder}); add workers to it with `maas tune --worker`, or wait for "
             "it") from None
     with guard:
-        return _run_locked(RunContext(
-            cfg, family, checkpoint, raw, tracking_uri, experiment_id, config_hash, storage_url,
+        return _run_locked(RunInputs(
+            cfg, family, raw, tracking_uri, experiment_id, config_hash, storage_url,
             trigger=trigger, schedule_attempt=schedule_attempt, build=build, resume=resume,
             t0=t0))
 
 
-def _run_locked(ctx: RunContext) -> RunResult:
+def _run_locked(run: RunInputs) -> RunResult:
     """The parent run (new, or the killed one resumed) and every step in it, in order."""
-    cfg, raw = ctx.cfg, ctx.raw
-    run_id = (find_unfinished_run(ctx.experiment_id, ctx.config_hash, raw.fingerprint)
-              if ctx.resume else None)
-    ctx.resumed = run_id is not None
-    if ctx.resumed:
+    cfg, raw = run.cfg, run.raw
+    run_id = (find_unfinished_run(run.experiment_id, run.config_hash, raw.fingerprint)
+              if run.resume else None)
+    if run_id is not None:
         log.info("resuming unfinished run %s (same config and data)", run_id)
-    ctx.commit = git_commit()
-    tags = _run_tags(ctx)
-    result = RunResult(cfg.name, "", ctx.experiment_id, redact(ctx.tracking_uri),
-                       resumed=ctx.resumed, data_fingerprint=raw.fingerprint,
-                       model_name=cfg.registry.model_name)
-    with mlflow.start_run(run_id=run_id, experiment_id=ctx.experiment_id,
-                          run_name=None if ctx.resumed
+    run = replace(run, resumed=run_id is not None, commit=git_commit())
+    with mlflow.start_run(run_id=run_id, experiment_id=run.experiment_id,
+                          run_name=None if run.resumed
                           else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                          tags=None if ctx.resumed else tags) as run:
-        ctx.run_id = result.run_id = run.info.run_id
-        if ctx.resumed:
+                          tags=None if run.resumed else _run_tags(run)) as active:
+        run = replace(run, run_id=active.info.run_id)
+        if run.resumed:
             mlflow.set_tag("maas.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         else:
             steps.log_config(cfg)
-        for run_step in _STEPS:
-            run_step(ctx, result)
+        result = _steps(run)
         mlflow.set_tag("maas.status", "finished")
-        result.seconds = time.perf_counter() - ctx.t0
         mlflow.log_dict(redact_obj(result.to_dict()), "summary.json")
     return result
 
 
-def _run_tags(ctx: RunContext) -> dict[str, str]:
+def _steps(run: RunInputs) -> RunResult:
+    """Every step in order, each on the results of the ones before; the summary, built once.
+    Nothing after a failing step runs; compress and package may skip themselves."""
+    report = _validate(run)
+    data = _split(run)
+    with step("tune"):
+        tuned = steps.tune(run, data, _heartbeat(run.storage_url))
+    with step("evaluate"):
+        model, ev = steps.evaluate_best(run, data, tuned)
+    cand = Candidate(report, data, tuned, model, ev, variants=_compress(run, data, model))
+    with step("register"):
+        version = steps.register(run, cand)
+    with step("promote"):
+        decision = steps.gate(run, cand, version)
+    with step("card"):  # the version's model card: description + card/ artifacts
+        card = card_facts.publish(run.cfg, run.run_id, version, raw=run.raw, data=data,
+                                  report=report, study=tuned.study, best=tuned.best, ev=ev,
+                                  decision=decision)
+    from registry import champion
+
+    current = champion(run.cfg.registry.model_name)
+    built = _package(run, version, card) if decision.promote else None
+    return _result(run, cand, version, decision, current.version if current else None, built)
+
+
+def _result(run: RunInputs, cand: Candidate, version: str, decision, champion_version,
+            built) -> RunResult:
+    cfg, tuned, choice = run.cfg, cand.tuned, cand.variants and cand.variants.choice
+    return RunResult(
+        cfg.name, run.run_id, run.experiment_id, redact(run.tracking_uri), resumed=run.resumed,
+        data_fingerprint=run.raw.fingerprint, validation_success=cand.report.success,
+        study_name=tuned.study.study_name, best_trial=tuned.best.number,
+        best_params=dict(tuned.best.params),
+        test_metrics={k: cand.ev.metrics[k] for k in ("accuracy", "f1_macro")},
+        model_name=cfg.registry.model_name, model_version=version,
+        variant=choice.chosen if choice else None, variant_speedup=choice.speedup if choice
+        else None, promoted=decision.promote, decision_reason=decision.reason,
+        champion_version=champion_version, bento_tag=built.bento_tag if built else None,
+        serve_command=built.serve_command if built else None,
+        seconds=time.perf_counter() - run.t0)
+
+
+def _run_tags(run: RunInputs) -> dict[str, str]:
     """The tags a new parent run starts with (a resumed run keeps its own)."""
     tags = {
         "maas.role": "pipeline",
-        "maas.pipeline": ctx.cfg.name,
-        "maas.config_hash": ctx.config_hash,
-        "maas.data_fingerprint": ctx.raw.fingerprint,
-        "maas.trigger": ctx.trigger,
+        "maas.pipeline": run.cfg.name,
+        "maas.config_hash": run.config_hash,
+        "maas.data_fingerprint": run.raw.fingerprint,
+        "maas.trigger": run.trigger,
     }
-    if ctx.schedule_attempt:  # `maas run --schedule-attempt N`, given by `maas schedule`
-        tags["maas.schedule_attempt"] = str(ctx.schedule_attempt)
-    if ctx.commit:
-        tags["maas.git_commit"] = ctx.commit
+    if run.schedule_attempt:  # `maas run --schedule-attempt N`, given by `maas schedule`
+        tags["maas.schedule_attempt"] = str(run.schedule_attempt)
+    if run.commit:
+        tags["maas.git_commit"] = run.commit
     return tags
 
 
-def _validate(ctx: RunContext, result: RunResult) -> None:
+def _validate(run: RunInputs):
     with step("validate"):
-        ctx.report = steps.validate(ctx)
-    result.validation_success = ctx.report.success
-    if not ctx.report.success:
+        report = steps.validate(run)
+    if not report.success:
         mlflow.set_tag("maas.status", "validation_failed")
-        raise ValidationFailed(ctx.report, ctx.run_id)
+        raise ValidationFailed(report, run.run_id)
+    return report
 
 
-def _split(ctx: RunContext, result: RunResult) -> None:
+def _split(run: RunInputs):
     with step("split"):
-        data = ctx.data = split_data(ctx.raw, ctx.cfg.data)
+        data = split_data(run.raw, run.cfg.data)
         mlflow.log_params({"n_train": len(data.train), "n_validation": len(data.validation),
                            "n_test": len(data.test), "labels": json.dumps(data.id2label)})
         from pipelines import drift_step
 
-        drift_step.log_profile(data)  # no raw text: compared at a later run's promotion
+        drift_step.log_profile(run.family, data)  # no raw data: compared at a later promotion
+    return data
 
 
-def _tune(ctx: RunContext, result: RunResult) -> None:
-    with step("tune"):
-        ctx.study, ctx.best = steps.tune(ctx, _heartbeat(ctx.storage_url))
-    result.study_name, result.best_trial = ctx.study.study_name, ctx.best.number
-    result.best_params = dict(ctx.best.params)
-
-
-def _evaluate(ctx: RunContext, result: RunResult) -> None:
-    with step("evaluate"):
-        ctx.model, ctx.tokenizer, ctx.ev = steps.evaluate_best(ctx)
-    result.test_metrics = {k: ctx.ev.metrics[k] for k in ("accuracy", "f1_macro")}
-
-
-def _compress(ctx: RunContext, result: RunResult) -> None:
-    if not ctx.cfg.compression.enabled:
-        return
+def _compress(run: RunInputs, data, model):
+    """The variants and the gate's choice; None when compression is off or the family builds
+    no variants."""
+    if not (run.cfg.compression.enabled and run.family.variants):
+        return None
     with step("compress"):
-        ctx.variants = steps.compress(ctx)
-    result.variant, result.variant_speedup = (ctx.variants.choice.chosen,
-                                              ctx.variants.choice.speedup)
+        return steps.compress(run, data, model)
 
 
-def _register(ctx: RunContext, result: RunResult) -> None:
-    with step("register"):
-        ctx.version = steps.register(ctx)
-    result.model_version = ctx.version
-
-
-def _promote(ctx: RunContext, result: RunResult) -> None:
-    with step("promote"):
-        ctx.decision = steps.gate(ctx)
-    result.promoted, result.decision_reason = ctx.decision.promote, ctx.decision.reason
-
-
-def _card(ctx: RunContext, result: RunResult) -> None:
-    with step("card"):  # the version's model card: description + card/ artifacts
-        ctx.card = card_facts.publish(ctx.cfg, ctx.run_id, ctx.version, raw=ctx.raw,
-                                      data=ctx.data, report=ctx.report, study=ctx.study,
-                                      best=ctx.best, ev=ctx.ev, decision=ctx.decision)
-    from registry import champion
-
-    current = champion(ctx.cfg.registry.model_name)
-    result.champion_version = current.version if current else None
-
-
-def _package(ctx: RunContext, result: RunResult) -> None:
-    if not (ctx.build and ctx.cfg.bento.enabled and ctx.decision.promote):
-        return
+def _package(run: RunInputs, version: str, card: dict[str, Any]):
+    """The bento of the new champion (None when the run does not build one)."""
+    if not (run.build and run.cfg.bento.enabled):
+        return None
     with step("package"):
-        built = steps.package(ctx.cfg)
-    result.bento_tag, result.serve_command = built.bento_tag, built.serve_command
-    card_facts.record_bento(ctx.cfg, ctx.run_id, ctx.version, ctx.card, built.bento_tag)
-
-
-#: the steps in order; each may skip itself (compress, package) or raise to stop the run
-_STEPS = (_validate, _split, _tune, _evaluate, _compress, _register, _promote, _card, _package)
+        built = steps.package(run.cfg)
+    card_facts.record_bento(run.cfg, run.run_id, version, card, built.bento_tag)
+    return built
 
 
 def _heartbeat(storage_url: str) -> int:
@@ -319,9 +317,9 @@ def join_study(cfg: PipelineConfig, storage: str, run_id: str | None = None,
     """
     from pipelines import tuning
 
-    family = get_family(cfg.model.family)
-    checkpoint = family.resolve_checkpoint(cfg.model.checkpoint)
-    raw = load_data(cfg.data)
+    family = load_family(cfg)
+    family.check()
+    raw = load_data(cfg.data, family)
     tracking_uri, experiment_id = open_experiment(cfg)
     check_storage(storage, tracking_uri)
     store = tuning.make_storage(storage, heartbeat_interval=_heartbeat(storage))
@@ -331,7 +329,7 @@ def join_study(cfg: PipelineConfig, storage: str, run_id: str | None = None,
     log.info("worker joining study %s (parent run %s)", study_name, rid)
     data = split_data(raw, cfg.data)
     study = tuning.open_study(cfg, store, study_name, worker=True, seed=seed)
-    objective = tuning.Objective(cfg, data, checkpoint, rid, experiment_id)
+    objective = tuning.Objective(cfg, data, family, rid, experiment_id)
     tuning.run_study(study, objective, cfg.tuning.n_trials, storage, cfg.tuning.timeout_s)
     return study_name
 

@@ -1,5 +1,7 @@
-"""The work inside the pipeline's steps, each on one ``RunContext`` (the run's inputs, then each
-step's result as it finishes). pipelines/run.py drives them in order inside the parent run."""
+"""The work inside the pipeline's steps. Each takes the run's :class:`RunInputs` and the typed,
+frozen results of the steps before it (:class:`Tuned`, :class:`Candidate`), and returns its own;
+pipelines/run.py drives them in order inside the parent run. Only the family
+(``run.family``, the contract in ``families/base.py``) touches rows, inputs and models."""
 
 from __future__ import annotations
 
@@ -10,25 +12,33 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 
 from pipelines.config import PipelineConfig
 from pipelines.data import Dataset, RawData
-from pipelines.evaluation import Evaluation, confusion_figure, evaluate_predictions
+from pipelines.evaluation import Evaluation, confusion_figure
+from pipelines.families.base import Family
 from pipelines.redact import redact, redact_obj
+
+if TYPE_CHECKING:
+    import optuna
+
+    from bentos.build import BuildResult
+    from pipelines.compression import Outcome
+    from registry import Decision
+    from validation import ValidationReport
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunContext:
-    """One pipeline run: what it was started with, its parent run, then the steps' results."""
+@dataclass(frozen=True)
+class RunInputs:
+    """What one pipeline run starts with (then its parent run, once started or resumed)."""
 
     cfg: PipelineConfig
-    family: Any
-    checkpoint: Path
+    family: Family
     raw: RawData
     tracking_uri: str
     experiment_id: str
@@ -42,18 +52,26 @@ class RunContext:
     commit: str | None = None
     run_id: str = ""  # the parent run, once started (or resumed)
     resumed: bool = False
-    # results of the steps so far, in step order
-    report: Any = None
-    data: Dataset | None = None
-    study: Any = None
-    best: Any = None
-    model: Any = None
-    tokenizer: Any = None
-    ev: Evaluation | None = None
-    variants: Any = None
-    version: str | None = None
-    decision: Any = None
-    card: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """The tune step's result: the study and its best trial (with a logged checkpoint)."""
+
+    study: optuna.Study
+    best: optuna.trial.FrozenTrial
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The challenger and its evidence: what register, gate and card read."""
+
+    report: ValidationReport
+    data: Dataset
+    tuned: Tuned
+    model: Any  # the family's model (opaque here; only the family reads it)
+    ev: Evaluation
+    variants: Outcome | None = None
 
 
 def log_config(cfg: PipelineConfig) -> None:
@@ -75,12 +93,13 @@ def log_config(cfg: PipelineConfig) -> None:
     mlflow.log_params(flat)
 
 
-def validate(ctx: RunContext):
+def validate(run: RunInputs) -> ValidationReport:
+    """The GX gate over the family's per-row profile of every source; the report."""
     from validation import validate as validate_frame
 
-    cfg, raw = ctx.cfg, ctx.raw
+    cfg, raw = run.cfg, run.raw
     frame = raw.all_rows
-    if not ctx.resumed:
+    if not run.resumed:
         mlflow.log_input(
             mlflow.data.from_pandas(frame, source=raw.files["path"], name=f"{cfg.name}-data",
                                     targets="label"),
@@ -89,7 +108,7 @@ def validate(ctx: RunContext):
         )
     # under the working directory: a failed gate's printed docs path must outlive the process
     docs = Path("maas-data-docs") / mlflow.active_run().info.run_id
-    report = validate_frame(frame[["text", "label"]], cfg.validation.suite, docs_dir=docs,
+    report = validate_frame(run.family.profile(frame), cfg.validation.suite, docs_dir=docs,
                             examples=cfg.privacy.log_text)  # privacy: data values in report + docs
     mlflow.log_dict(report.to_dict(), "validation/result.json")
     if report.docs_dir and Path(report.docs_dir).is_dir():
@@ -104,18 +123,18 @@ def validate(ctx: RunContext):
     return report
 
 
-def tune(ctx: RunContext, heartbeat_interval: int):
-    """The Optuna study of this parent run (resumed with it), run to its budget; (study, best)."""
+def tune(run: RunInputs, data: Dataset, heartbeat_interval: int) -> Tuned:
+    """The Optuna study of this parent run (resumed with it), run to its budget."""
     from pipelines import tuning
 
-    cfg, storage_url = ctx.cfg, ctx.storage_url
-    study_name = f"{cfg.name}-{ctx.run_id}"
+    cfg, storage_url = run.cfg, run.storage_url
+    study_name = f"{cfg.name}-{run.run_id}"
     storage = tuning.make_storage(storage_url, heartbeat_interval=heartbeat_interval)
     study = tuning.open_study(cfg, storage, study_name)
     mlflow.set_tags({"optuna.study": study_name, "optuna.storage": tuning.safe_url(storage_url),
                      "optuna.sampler": type(study.sampler).__name__,
                      "optuna.pruner": type(study.pruner).__name__})
-    objective = tuning.Objective(cfg, ctx.data, ctx.checkpoint, ctx.run_id, ctx.experiment_id)
+    objective = tuning.Objective(cfg, data, run.family, run.run_id, run.experiment_id)
     tuning.run_study(study, objective, cfg.tuning.n_trials, storage_url, cfg.tuning.timeout_s)
     tuning.log_study(study)
     best = tuning.best_trial(study)
@@ -127,71 +146,65 @@ def tune(ctx: RunContext, heartbeat_interval: int):
     mlflow.set_tags({"maas.best_trial": str(best.number),
                      "maas.best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
     mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
-    return study, best
+    return Tuned(study, best)
 
 
-def evaluate_best(ctx: RunContext):
-    """The best trial's checkpoint scored on the test set; (model, tokenizer, evaluation)."""
+def evaluate_best(run: RunInputs, data: Dataset, tuned: Tuned) -> tuple[Any, Evaluation]:
+    """The best trial's checkpoint scored on the test set; (the family's model, evaluation)."""
     from pipelines.tuning import CHECKPOINT_ARTIFACT
 
-    cfg, data, family = ctx.cfg, ctx.data, ctx.family
+    family = run.family
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
-            run_id=ctx.best.user_attrs["mlflow_run_id"], artifact_path=CHECKPOINT_ARTIFACT,
+            run_id=tuned.best.user_attrs["mlflow_run_id"], artifact_path=CHECKPOINT_ARTIFACT,
             dst_path=tmp)
-        model, tokenizer = family.load(Path(local))
-    ev = score(ctx, model, tokenizer, "test (challenger)")
+        model = family.load(Path(local))
+    ev = score(run, data, model, "test (challenger)")
     mlflow.log_metrics({f"test_{k}": v for k, v in ev.metrics.items()})
     fig = confusion_figure(ev)
     mlflow.log_figure(fig, "evaluation/confusion_matrix.png")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    from validation.pii import scrub
-
-    texts = scrub(data.test.text.tolist()[:10], cfg.privacy.log_text)  # privacy.log_text
+    shown = family.describe(data.test.iloc[:10])  # as privacy.log_text allows
     truth = data.names(data.test)
-    examples = [{"text": texts[i], "true": truth[i], "predicted": ev.predictions[i],
-                 "confidence": round(ev.confidences[i], 4)} for i in range(min(10, len(texts)))]
+    key = family.input_kind
+    examples = [{key: shown[i], "true": truth[i], "predicted": ev.predictions[i],
+                 "confidence": round(ev.confidences[i], 4)} for i in range(min(10, len(shown)))]
     mlflow.log_dict({"examples": examples}, "evaluation/examples.json")
-    return model, tokenizer, ev
+    return model, ev
 
 
-def score(ctx: RunContext, model, tokenizer, desc: str) -> Evaluation:
-    cfg, data, family = ctx.cfg, ctx.data, ctx.family
-    probs = family.predict_proba(model, tokenizer, data.test.text.tolist(), cfg.model.max_length,
-                                 cfg.model.eval_batch_size, desc=desc)
-    return evaluate_predictions(data.names(data.test), probs, family.labels_of(model),
-                                list(data.id2label.values()))
+def score(run: RunInputs, data: Dataset, model: Any, desc: str) -> Evaluation:
+    """``model`` (the family's) scored on the test set."""
+    family = run.family
+    probs = family.predict_proba(model, family.inputs(data.test), desc=desc)
+    return family.metrics(data.names(data.test), probs, model, list(data.id2label.values()))
 
 
-def compress(ctx: RunContext):
+def compress(run: RunInputs, data: Dataset, model: Any) -> Outcome:
     """Compression variants of the best model (child runs), and the one the gate picks."""
     from pipelines import compression
 
-    data, family, model = ctx.data, ctx.family, ctx.model
-    labels = family.labels_of(model)
-    names = list(data.id2label.values())
-    truth = data.names(data.test)
+    family = run.family
+    truth, labels = data.names(data.test), list(data.id2label.values())
 
     def evaluate(probs):
-        return evaluate_predictions(truth, probs, labels, names).metrics
+        return family.metrics(truth, probs, model, labels).metrics
 
-    outcome = compression.compress(ctx.cfg, data, model, ctx.tokenizer, family, labels, evaluate)
+    outcome = compression.compress(run.cfg, data, model, family, evaluate)
     log.info("variant chosen: %s", outcome.choice.reason)
     return outcome
 
 
-def register(ctx: RunContext) -> str:
+def register(run: RunInputs, cand: Candidate) -> str:
     """Log the model and register it as a new version (the challenger); its version string."""
     from pipelines import compression
     from registry import register as register_model
-    from validation.pii import loggable_texts
 
-    cfg, variants, ev, study, best = ctx.cfg, ctx.variants, ctx.ev, ctx.study, ctx.best
-    info = ctx.family.log_model(  # input example as privacy.log_text allows
-        ctx.model, ctx.tokenizer, "model",
-        loggable_texts(ctx.data.test.text.tolist(), cfg.privacy.log_text, n=3))
+    cfg, variants, ev, tuned = run.cfg, cand.variants, cand.ev, cand.tuned
+    family = run.family
+    info = family.log_model(cand.model, "model", family.input_example(cand.data.test))
     variant_tags = {}
     if variants is not None:  # the version carries its variants; fp32 is the version's model
         variants.variants[compression.REFERENCE].model_uri = info.model_uri
@@ -199,38 +212,41 @@ def register(ctx: RunContext) -> str:
         variant_tags = compression.version_tags(variants)
     tags = {
         "maas.pipeline": cfg.name,
-        "maas.data_fingerprint": ctx.data.fingerprint,
-        "maas.suite": ctx.report.suite_name,
-        "maas.suite_success": str(ctx.report.success).lower(),
-        "maas.study": study.study_name,
-        "maas.best_trial": str(best.number),
-        "maas.config_hash": ctx.config_hash,
+        "maas.family": cfg.model.family,
+        "maas.service": family.service,
+        "maas.runtime": family.runtime,
+        "maas.data_fingerprint": cand.data.fingerprint,
+        "maas.suite": cand.report.suite_name,
+        "maas.suite_success": str(cand.report.success).lower(),
+        "maas.study": tuned.study.study_name,
+        "maas.best_trial": str(tuned.best.number),
+        "maas.config_hash": run.config_hash,
         "maas.model_uri": info.model_uri,
-        **{f"maas.metric.{k}": f"{ev.metrics[k]:.6f}" for k in ("accuracy", "f1_macro",
-                                                                "precision_macro", "recall_macro")},
+        **{f"maas.metric.{k}": f"{ev.metrics[k]:.6f}"
+           for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro")},
     }
-    if ctx.commit:
-        tags["maas.git_commit"] = ctx.commit
+    if run.commit:
+        tags["maas.git_commit"] = run.commit
     tags.update(variant_tags)
-    mv = register_model(info.model_uri, cfg.registry.model_name, run_id=ctx.run_id, tags=tags,
-                        description=f"{cfg.name}: best of study {study.study_name} "
-                                    f"(trial {best.number})")
+    mv = register_model(info.model_uri, cfg.registry.model_name, run_id=run.run_id, tags=tags,
+                        description=f"{cfg.name}: best of study {tuned.study.study_name} "
+                                    f"(trial {tuned.best.number})")
     mlflow.set_tags({"maas.registered_model": cfg.registry.model_name,
                      "maas.registered_version": str(mv.version)})
     return str(mv.version)
 
 
-def gate(ctx: RunContext):
+def gate(run: RunInputs, cand: Candidate, version: str) -> Decision:
     """Champion vs challenger (and drift vs the champion); an accepted decision moves the alias."""
     from registry import champion, promote, should_promote
 
-    cfg, version, ev = ctx.cfg, ctx.version, ctx.ev
+    cfg, ev = run.cfg, cand.ev
     name = cfg.registry.model_name
     current = champion(name)
     incumbent = None
     if current is not None and str(current.version) != version:
-        model, tokenizer = ctx.family.load_logged(f"models:/{name}/{current.version}")
-        inc = score(ctx, model, tokenizer, f"test (champion v{current.version})")
+        model = run.family.load_logged(f"models:/{name}/{current.version}")
+        inc = score(run, cand.data, model, f"test (champion v{current.version})")
         incumbent = inc.metrics
         mlflow.log_metrics({f"champion_test_{k}": v for k, v in inc.metrics.items()})
         mlflow.set_tag("maas.champion_compared", str(current.version))
@@ -239,8 +255,8 @@ def gate(ctx: RunContext):
     if incumbent is not None:  # drift vs the champion: evidence tags, maybe a block
         from pipelines import drift_step
 
-        decision = drift_step.check(cfg, ctx.data, version, current, inc.predictions,
-                                    ev.predictions, decision)
+        decision = drift_step.check(cfg, run.family, cand.data, version, current,
+                                    inc.predictions, ev.predictions, decision)
     mlflow.log_dict(decision.to_dict(), "promotion/decision.json")
     mlflow.set_tags({"maas.promoted": str(decision.promote).lower(),
                      "maas.decision_reason": decision.reason[:5000]})
@@ -251,7 +267,7 @@ def gate(ctx: RunContext):
     return decision
 
 
-def package(cfg: PipelineConfig):
+def package(cfg: PipelineConfig) -> BuildResult:
     """The champion built into a bento with the pipeline's ``bento:`` settings."""
     from bentos import build_bento
 

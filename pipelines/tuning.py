@@ -1,11 +1,11 @@
 """Optuna tuning where every trial is a nested MLflow run, logged live (not after the trial).
 
 The study lives in an Optuna RDB storage (SQLite by default, PostgreSQL to share it between worker
-processes or machines). Each trial reports the validation metric after every epoch so the pruner can
-stop it; the trial's MLflow run carries its params, per-epoch metrics and its final state
+processes or machines). Each trial reports the validation metric after every epoch so the pruner
+can stop it; the trial's MLflow run carries its params, per-epoch metrics and its final state
 (``maas.trial_state`` = COMPLETE / PRUNED / FAIL). A trial that beats the study's best so far logs
-its weights (safetensors) to its own run under ``checkpoint/``: the parent picks them up from there,
-whichever worker ran it.
+its weights (safetensors) to its own run under ``checkpoint/``: the parent picks them up from
+there, whichever worker ran it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import optuna
 from pipelines import _compat
 from pipelines.config import CategoricalParam, FloatParam, IntParam, PipelineConfig, PrunerConfig
 from pipelines.data import Dataset
-from pipelines.evaluation import evaluate_predictions
-from pipelines.families import get_family
+from pipelines.families.base import Family
 from registry.locks import db_lock
 
 log = logging.getLogger(__name__)
@@ -130,13 +129,12 @@ class Objective:
 
     cfg: PipelineConfig
     data: Dataset
-    checkpoint: Path
+    family: Family
     parent_run_id: str
     experiment_id: str
 
     def __call__(self, trial: optuna.Trial) -> float:
-        cfg = self.cfg
-        family = get_family(cfg.model.family)
+        cfg, family = self.cfg, self.family
         params = suggest(trial, cfg)
         _close_failed_attempt(trial)
         with mlflow.start_run(
@@ -166,26 +164,20 @@ class Objective:
             raise pruned
         return value
 
-    def _fit(self, trial: optuna.Trial, family, params: dict[str, Any]) -> float:
+    def _fit(self, trial: optuna.Trial, family: Family, params: dict[str, Any]) -> float:
         cfg, data = self.cfg, self.data
-        trainer = family.Trainer(
-            self.checkpoint, data.id2label, params, data.train.text.tolist(),
-            data.ids(data.train), cfg.model.max_length,
-            seed=cfg.tuning.sampler_seed + trial.number, epochs=cfg.tuning.max_epochs,
-        )
+        trainer = family.trainer(data, params, seed=cfg.tuning.sampler_seed + trial.number)
         mlflow.set_tag("maas.precision", getattr(trainer, "precision", "fp32"))
         labels = list(data.id2label.values())
-        y_val = data.names(data.validation)
+        y_val, x_val = data.names(data.validation), family.inputs(data.validation)
         value = float("nan")
         try:
             for epoch in range(1, cfg.tuning.max_epochs + 1):
                 started = time.monotonic()
                 loss = trainer.train_epoch(
                     desc=f"trial {trial.number} epoch {epoch}/{cfg.tuning.max_epochs}")
-                probs = family.predict_proba(trainer.model, trainer.tokenizer,
-                                             data.validation.text.tolist(), cfg.model.max_length,
-                                             cfg.model.eval_batch_size)
-                ev = evaluate_predictions(y_val, probs, family.labels_of(trainer.model), labels)
+                model = trainer.model
+                ev = family.metrics(y_val, family.predict_proba(model, x_val), model, labels)
                 value = ev.metrics[cfg.metric]
                 mlflow.log_metrics({"train_loss": loss,
                                     **{f"val_{k}": v for k, v in ev.metrics.items()}}, step=epoch)
@@ -197,7 +189,7 @@ class Objective:
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
             if self._is_best(trial.study, value):
                 with tempfile.TemporaryDirectory() as tmp:
-                    family.save(trainer.model, trainer.tokenizer, Path(tmp))
+                    family.save(trainer.model, Path(tmp))
                     mlflow.log_artifacts(tmp, CHECKPOINT_ARTIFACT)
                 trial.set_user_attr("checkpoint", CHECKPOINT_ARTIFACT)
             return value
@@ -233,8 +225,8 @@ def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_
     (``study.ask``) only under :func:`budget_lock` and only while finished + running trials are
     under the budget, so the budget is met exactly. A worker with nothing to claim waits for the
     others' trials to finish, or to go stale: Optuna's heartbeat marks a dead worker's trial FAIL
-    and ``RetryFailedTrialCallback`` re-queues it once (same params), which the next claim picks up.
-    A resumed study keeps its finished trials.
+    and ``RetryFailedTrialCallback`` re-queues it once (same params), which the next claim picks
+    up. A resumed study keeps its finished trials.
     """
     from pipelines.progress import progress
 

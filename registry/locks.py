@@ -1,14 +1,17 @@
 """Database locks by URL and key for the registry and the pipelines that drive it.
 
 A lock named by a string key lives with a database: on PostgreSQL a session advisory lock (on a
-connection of its own, id :func:`lock_id` of the key), beside a SQLite file an ``flock`` on
-``<db file>.<16 hex digits of the key's sha256>.lock`` (the URL's query string, which may carry
-credentials, plays no part), or on such a file in a folder the caller names. Other URLs (an
-MLflow server, a file store) get no lock unless the caller names a folder. A dead holder
-releases the lock with its connection or file descriptor: nothing to clean up. The PostgreSQL
-lock ids are those the three former copies used (same key, same id); the SQLite lock files of
-promotion and of the scheduler have new names, so stop processes of older versions before
-upgrading.
+connection of its own, id :func:`lock_id` of the key), for a SQLite file an ``flock`` on
+``<db file name>.<16 hex digits of sha256(real db path, key)>.lock`` in :func:`lock_dir` (a
+per-user folder in the system's temporary directory, or ``$MAAS_LOCK_DIR``: never beside the
+database, so a run leaves the user's folder as it found it; the URL's query string, which may
+carry credentials, plays no part), or on a file named after the key in a folder the caller
+names. Other URLs (an MLflow server, a file store) get no lock unless the caller names a folder.
+A dead holder releases the lock with its file descriptor or connection: nothing to clean up.
+Processes of different OS users sharing one SQLite file lock in different folders (use
+PostgreSQL, or a shared ``$MAAS_LOCK_DIR``). The PostgreSQL lock ids are those the three former
+copies used (same key, same id); SQLite lock files moved out of the database's folder, so stop
+processes of older versions before upgrading.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import logging
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from functools import lru_cache
@@ -68,16 +72,26 @@ def supported(url: str) -> bool:
     return _is_postgres(url) or sqlite_file(url) is not None
 
 
+def lock_dir() -> Path:
+    """Where SQLite databases' lock files live: ``$MAAS_LOCK_DIR``, else ``maas-locks-<uid>`` in
+    the system's temporary directory."""
+    env = os.environ.get("MAAS_LOCK_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"maas-locks-{os.getuid()}"
+
+
 def lock_file(url: str, key: str, folder: Path | None = None) -> Path | None:
-    """The lock file of ``key``: in ``folder`` if given, else beside the SQLite database of
-    ``url`` (None: PostgreSQL, or neither a SQLite file nor a folder)."""
-    name = f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    """The lock file of ``key``: in ``folder`` if given, else in :func:`lock_dir`, named after
+    the SQLite database of ``url`` (its real path) and the key (None: PostgreSQL, or neither a
+    SQLite file nor a folder)."""
     if _is_postgres(url):
         return None
     if folder is not None:
-        return folder / name
+        return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
     db = sqlite_file(url)
-    return db.with_name(f"{db.name}.{name}") if db is not None else None
+    if db is None:
+        return None
+    digest = hashlib.sha256(f"{os.path.realpath(db)}\0{key}".encode()).hexdigest()[:16]
+    return lock_dir() / f"{db.name}.{digest}.lock"
 
 
 class DbLock:
@@ -134,7 +148,7 @@ class DbLock:
         return (self._fd,) if self._fd is not None else ()
 
     def _acquire_file(self, wait: bool) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.locks import Busy, DbLock, db_lock, lock_file, lock_id, supported
+from registry.locks import Busy, DbLock, db_lock, lock_dir, lock_file, lock_id, supported
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,9 +146,9 @@ def test_a_query_string_names_the_same_lock(url, spawn, tmp_path):
     assert spawn(url + query, "k").line() == "held"
     with pytest.raises(Busy), db_lock(url, "k", wait=False):
         pass
-    if url.startswith("sqlite"):  # the lock file sits beside the database, no query in its name
+    if url.startswith("sqlite"):  # the lock file is in lock_dir(), no query in its name
         assert lock_file(url + "?mode=rw&password=secret", "k") == lock_file(url, "k")
-        assert lock_file(url, "k").parent == tmp_path
+        assert lock_file(url, "k").parent == lock_dir() != tmp_path
         assert "?" not in str(lock_file(url + query, "k"))
 
 
@@ -184,6 +184,20 @@ def test_a_named_folder_holds_the_lock_file_instead(tmp_path):
         first.release()
 
 
+def test_sqlite_locks_leave_the_database_folder_as_it_was(tmp_path, monkeypatch):
+    """Lock files live in lock_dir() (here $MAAS_LOCK_DIR), never beside the database; two
+    databases of the same name in different folders lock apart."""
+    monkeypatch.setenv("MAAS_LOCK_DIR", str(tmp_path / "locks"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = (f"sqlite:///{tmp_path / d / 'mlflow.db'}" for d in ("a", "b"))
+    with db_lock(a, "maas-budget:study", wait=False), db_lock(b, "maas-budget:study",
+                                                               wait=False):
+        assert lock_file(a, "maas-budget:study").parent == tmp_path / "locks"
+    assert list((tmp_path / "a").iterdir()) == [] and list((tmp_path / "b").iterdir()) == []
+    assert len(list((tmp_path / "locks").glob("mlflow.db.*.lock"))) == 2
+
+
 @pytest.mark.postgres
 def test_a_postgres_lock_has_no_descriptor_to_hand_on(pg_url):
     lock = DbLock(pg_url, "pipeline")
@@ -216,6 +230,4 @@ def test_lock_ids_and_file_names_are_those_of_the_former_copies():
     assert lock_id("maas.promote:m") == int.from_bytes(
         hashlib.sha256(b"maas.promote:m").digest()[:8], "big", signed=True)
     assert lock_id("maas-budget:study") == -3288498380453291889
-    assert lock_file("sqlite:////srv/mlflow.db?mode=ro", "maas-budget:study") == Path(
-        "/srv/mlflow.db.d25ce8256ca2588f.lock")
     assert supported("sqlite:///mlflow.db") and supported("postgresql+psycopg://u@h/db")

@@ -51,23 +51,30 @@ def draft_suite(df: pd.DataFrame, name: str, *,
                 duplicate_margin: float = DEFAULT_DUPLICATE_MARGIN,
                 fingerprint: str | None = None, drafted_on: dt.date | None = None,
                 source: str | None = None, pii: bool = False) -> dict[str, Any]:
-    """A suite dict (``name``, ``meta``, ``expectations``) drafted from ``df`` (``text``,
-    ``label``). ``fingerprint`` is the data's sha256 (default: of the frame's values),
-    ``drafted_on`` the draft date (default: today, UTC); ``pii`` appends
+    """A suite dict (``name``, ``meta``, ``expectations``) drafted from ``df``: a family's per-row
+    profile, ``label`` and either ``text`` or other plain columns (drafted by kind:
+    :mod:`validation.profile_columns`). ``fingerprint`` is the data's sha256 (default: of the
+    frame's values), ``drafted_on`` the draft date (default: today, UTC); ``pii`` appends
     :func:`validation.pii.pii_expectations` for ``text``. Raises :class:`ProfileError` for a
     sample without rows, text, or at least two classes."""
     _check_frame(df, name, share_tolerance, length_margin, duplicate_margin)
     fp = fingerprint or frame_fingerprint(df)
     day = drafted_on or dt.datetime.now(dt.timezone.utc).date()
+    from validation.profile_columns import column_entries
+
     n = len(df)
     expectations = [
         _row_count(n),
         *_nulls(df),
         *_label_set(df.label),
         *_class_shares(df.label, share_tolerance),
-        *_text_lengths(df.text, length_margin),
-        _duplicates(df.text, duplicate_margin),
     ]
+    if "text" in df.columns:
+        expectations += [*_text_lengths(df.text, length_margin),
+                         _duplicates(df.text, duplicate_margin)]
+    for col in df.columns:
+        if col not in ("text", "label"):
+            expectations += column_entries(df, str(col), length_margin)
     if pii:
         expectations += _pii_entries()
     return {
@@ -90,10 +97,12 @@ def draft_suite(df: pd.DataFrame, name: str, *,
 
 
 def frame_fingerprint(df: pd.DataFrame) -> str:
-    """sha256 of the frame's (text, label) values in order, types included (1 != "1")."""
+    """sha256 of the frame's values in order (its columns, ``label`` last), types included
+    (1 != "1"); for a (text, label) frame the hash it always had."""
     h = hashlib.sha256()
-    for text, label in zip(df.text.tolist(), df.label.tolist()):
-        h.update(f"{_py(text)!r}\t{_py(label)!r}\n".encode())
+    cols = [c for c in df.columns if c != "label"] + ["label"]
+    for row in zip(*(df[c].tolist() for c in cols), strict=True):
+        h.update(("\t".join(repr(_py(v)) for v in row) + "\n").encode())
     return h.hexdigest()
 
 
@@ -112,6 +121,8 @@ def _row_count(n: int) -> dict[str, Any]:
 def _nulls(df: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for col, what in (("text", "text"), ("label", "a label")):
+        if col not in df.columns:
+            continue
         nulls = int(df[col].isna().sum())
         kwargs: dict[str, Any] = {"column": col}
         why = f"every example needs {what}"
@@ -215,15 +226,16 @@ def _pii_entries() -> list[dict[str, Any]]:
 
 
 def _check_frame(df: pd.DataFrame, name: str, *settings: float) -> None:
-    missing = [c for c in ("text", "label") if c not in df.columns]
-    if missing:
-        raise ProfileError(f"cannot draft suite {name!r}: missing column(s) {missing}; the "
-                           "frame needs the normalised columns 'text' and 'label'")
+    missing = [c for c in ("label",) if c not in df.columns]
+    if missing or len(df.columns) < 2:
+        raise ProfileError(f"cannot draft suite {name!r}: missing column(s) {missing or ['text']};"
+                           f" the frame needs 'label' and the family's profile columns ('text', "
+                           f"...); it has {[str(c) for c in df.columns]}")
     if not name.strip():
         raise ProfileError("a suite needs a non-empty name")
     if not all(0 <= s < 1 for s in settings):
         raise ProfileError(f"tolerances and margins must be in [0, 1): {settings}")
-    if df.text.dropna().empty:
+    if "text" in df.columns and df.text.dropna().empty:
         raise ProfileError(f"cannot draft suite {name!r}: column 'text' has no non-null values "
                            f"in {len(df)} rows")
     classes = _classes(df.label)

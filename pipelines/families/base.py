@@ -33,6 +33,11 @@ if TYPE_CHECKING:
     from pipelines.evaluation import Evaluation
 
 
+class FamilyError(ValueError):
+    """A family's settings or starting weights cannot be used (bad config: exit 2); the message
+    names the field. Bad data is ``pipelines.data.DataError`` (exit 3)."""
+
+
 class NoOptions(BaseModel):
     """A family without options of its own: ``model.options`` / ``data.options`` must be empty."""
 
@@ -78,8 +83,9 @@ class Compressor(Protocol):
     threads: int              # CPU threads the variants are measured with
 
     def build(self, name: str) -> BuiltVariant:
-        """The variant ``name`` (one of ``cfg.compression.variants``); raises if it cannot be
-        built (the pipeline then records it as skipped, with the error)."""
+        """The variant ``name``: "fp32" (the reference: the tuned model as it is served) or one
+        of :attr:`Family.variants` that ``cfg.compression.variants`` lists. Raises if it cannot
+        be built (the pipeline then records it as skipped, with the error)."""
 
     def log(self, variant: BuiltVariant, labels: list[str]) -> str:
         """Log the variant's model in the active MLflow run (never pickle); its model URI."""
@@ -99,7 +105,8 @@ class Family(ABC):
     service: ClassVar[str]
     #: the serving runtime of the registered (fp32) model: a key of bentos.runtimes.RUNTIMES
     runtime: ClassVar[str] = "torch"
-    #: compression variants it can build besides "fp32" (others in the config are refused)
+    #: compression variants it can build besides "fp32" (others in the config are skipped, with
+    #: the reason recorded); none: the compress step does not run
     variants: ClassVar[tuple[str, ...]] = ()
     #: schemas of the pipeline file's `model.options:` / `data.options:` for this family
     ModelOptions: ClassVar[type[BaseModel]] = NoOptions
@@ -149,7 +156,8 @@ class Family(ABC):
 
     # -- model --------------------------------------------------------------------------------
     def check(self) -> None:
-        """Fail before any work (missing checkpoint file, bad option). Default: nothing."""
+        """Fail before any work (missing checkpoint file, bad option) with a FamilyError.
+        Default: nothing."""
         return None
 
     @abstractmethod

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.families.base import FamilyError
+
 log = logging.getLogger(__name__)
 
 HYPERPARAMETERS = {
@@ -27,7 +29,7 @@ HYPERPARAMETERS = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FamilyError):
     """The configured pre-trained checkpoint cannot be found or read."""
 
 
@@ -310,7 +312,8 @@ def serving_requirements() -> list[str]:
 
 
 def load_logged(model_uri: str):
-    """(model, tokenizer) of a model logged by :func:`log_model` (or any text-classification one)."""
+    """(model, tokenizer) of a model logged by :func:`log_model` (or any text-classification
+    one)."""
     _offline()
     import mlflow
 

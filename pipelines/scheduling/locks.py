@@ -5,11 +5,13 @@ the pipeline's name in the scheduler's database."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
 from pipelines.scheduling.records import store_url, tracking_uri_of
-from registry.locks import DbLock, sqlite_file
+from registry.locks import DbLock, lock_dir, sqlite_file
 
 
 class PipelineBusy(RuntimeError):
@@ -18,12 +20,14 @@ class PipelineBusy(RuntimeError):
 
 def pipeline_lock(url: str, pipeline: str) -> DbLock:
     """The (not yet acquired) lock of ``pipeline`` in the database of ``url``: on PostgreSQL an
-    advisory lock, else a lock file in ``.maas-locks`` beside a SQLite database (so schedulers
-    and manual runs whose stores share a folder keep the pipeline's runs apart) or in the
-    working directory (MySQL, ...). A fire hands the file lock's descriptor to its child
-    (``inheritable_fds``): the lock lives as long as the run, even if the scheduler is killed."""
+    advisory lock, else a lock file of the SQLite database's folder (so schedulers and manual
+    runs whose stores share a folder keep the pipeline's runs apart) or of the working directory
+    (MySQL, ...), kept in :func:`registry.locks.lock_dir`, never in that folder itself. A fire
+    hands the file lock's descriptor to its child (``inheritable_fds``): the lock lives as long
+    as the run, even if the scheduler is killed."""
     db = sqlite_file(url)
-    folder = (db.resolve().parent if db is not None else Path.cwd()) / ".maas-locks"
+    base = os.path.realpath(db.resolve().parent if db is not None else Path.cwd())
+    folder = lock_dir() / f"folder-{hashlib.sha256(base.encode()).hexdigest()[:16]}"
     return DbLock(url, f"maas.schedule:{pipeline}", folder=folder)
 
 
