@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 #: family name -> "module:Class" of its Family subclass
 FAMILIES: dict[str, str] = {
     "text_classifier": "pipelines.families.text_classifier:TextClassifier",
+    "image_classifier": "pipelines.families.image_classifier:ImageClassifier",
 }
 
 

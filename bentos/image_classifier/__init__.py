@@ -1,0 +1,1 @@
+"""The image classifier BentoML service folder (copied into each image bento)."""

@@ -1,0 +1,168 @@
+"""Model runtimes of the MaaS image-classifier service: PyTorch and ONNX Runtime.
+
+Copied into every image bento beside ``service.py``, which loads it (and ``maas_nets.py``) from
+its own folder; the pipeline imports it as ``bentos.image_classifier.maas_runtime`` to measure
+variants the way they are served. No imports from the ``bentos`` package.
+
+Both runtimes take a float32 batch ``(N, C, S, S)`` in [0, 1] (``maas_images.to_array``) and
+return softmax probabilities, one row per image, columns in label order, in passes of at most
+``forward_batch_size`` images. The model folder holds ``maas_variant.json`` (labels, channels,
+image_size, runtime) and either ``model.safetensors`` (torch; the network spec in its metadata)
+or ``model.onnx`` (a single-file graph, input ``images``, output ``logits``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("bentoml.maas.image_classifier")
+
+META_FILE = "maas_variant.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+DEFAULT_FORWARD_BATCH = 64
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads(workers: int) -> int:
+    return max(1, cpu_cores() // max(1, workers))
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+
+
+def has_gpu(runtime: str) -> bool:
+    if runtime == "onnxruntime":
+        return ort_providers()[0] != "CPUExecutionProvider"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_session(model_file: str | Path, threads: int, providers: list[str]) -> Any:
+    """An ONNX Runtime session: all graph optimisations, ``threads`` intra-op threads, no
+    spinning (as for the text service)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ort.InferenceSession(str(model_file), options, providers=providers)
+
+
+def softmax(logits: Any) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _chunks(batch: np.ndarray, size: int) -> list[np.ndarray]:
+    return [batch[i:i + size] for i in range(0, len(batch), max(1, size))]
+
+
+class TorchRuntime:
+    """The network of ``model.safetensors`` in PyTorch (fp32 on CPU, bf16/fp16 on CUDA)."""
+
+    name = "torch"
+
+    def __init__(self, path: str | Path, nets: Any, *, threads: int,
+                 forward_batch_size: int = DEFAULT_FORWARD_BATCH) -> None:
+        import torch
+        from safetensors import safe_open
+
+        self.torch = torch
+        weights = find_file(path, WEIGHTS_FILE)
+        with safe_open(str(weights), framework="pt") as f:
+            spec = json.loads(f.metadata()["maas.spec"])
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if cuda else "cpu")
+        self.dtype = ((torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+                      if cuda else torch.float32)
+        if not cuda:
+            torch.set_num_threads(threads)
+        self.net = nets.load_net(spec, str(weights)).to(self.device, self.dtype)
+        self.forward_batch_size = forward_batch_size
+        self.info = {"runtime": self.name, "device": str(self.device),
+                     "dtype": str(self.dtype).replace("torch.", ""), "threads":
+                     torch.get_num_threads(), "providers": [], "arch": spec.get("arch"),
+                     "forward_batch_size": forward_batch_size}
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        out = []
+        with torch.inference_mode():
+            for chunk in _chunks(batch, self.forward_batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device, self.dtype)
+                out.append(torch.softmax(self.net(x).float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+class OrtRuntime:
+    """A single-file ONNX graph (``model.onnx``) in ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, threads: int, dtype: str = "float32",
+                 forward_batch_size: int = DEFAULT_FORWARD_BATCH) -> None:
+        model_file = find_file(path, ONNX_FILE) if Path(path).is_dir() else Path(path)
+        self.session = make_session(model_file, threads, ort_providers())
+        self.input_name = self.session.get_inputs()[0].name
+        self.forward_batch_size = forward_batch_size
+        used = self.session.get_providers()
+        self.info = {"runtime": self.name, "device": "cuda" if used[0] in GPU_PROVIDERS else "cpu",
+                     "dtype": dtype, "threads": threads, "providers": used,
+                     "forward_batch_size": forward_batch_size}
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        out = [softmax(self.session.run([OUTPUT_NAME], {self.input_name: chunk})[0])
+               for chunk in _chunks(np.ascontiguousarray(batch, np.float32),
+                                    self.forward_batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def find_file(root: str | Path, name: str) -> Path:
+    """``name`` in a BentoML model folder: at its root, or below it (an MLflow model folder
+    copied as it is: ``artifacts/`` of a pyfunc, ``extra_files/`` of an ONNX model)."""
+    found = sorted(Path(root).rglob(name), key=lambda p: len(p.parts))
+    if not found:
+        raise FileNotFoundError(f"{root} has no {name} (not a MaaS image model)")
+    return found[0]
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """``maas_variant.json`` of a model folder: labels, channels, image_size, runtime, dtype."""
+    return json.loads(find_file(path, META_FILE).read_text("utf-8"))
+
+
+def load_runtime(path: str | Path, nets: Any, settings: dict[str, Any],
+                 threads: int) -> TorchRuntime | OrtRuntime:
+    """The runtime the model folder asks for (``maas_variant.json`` ``runtime``)."""
+    meta = read_meta(path)
+    fbs = int(settings.get("forward_batch_size") or DEFAULT_FORWARD_BATCH)
+    if meta.get("runtime") == "onnxruntime":
+        return OrtRuntime(path, threads=threads, dtype=meta.get("dtype") or "float32",
+                          forward_batch_size=fbs)
+    return TorchRuntime(path, nets, threads=threads, forward_batch_size=fbs)
