@@ -41,6 +41,13 @@ INT8_ALTERNATIVES = [("dynamic-per-channel", "dynamic", True),
 OPT_IN = ("pruned", "pruned+onnx-int8")
 
 
+def _cpu() -> dict:
+    """The CPU this ran on: model, ISA features (AVX2, AVX-512, VNNI, BF16, AMX), threads."""
+    from bentos.machine import describe
+
+    return {"cpu": describe()}
+
+
 def load(args):
     from pipelines.config import PipelineConfig
     from pipelines.data import load_data, split_data
@@ -147,7 +154,7 @@ def report(cfg, uri, outcome, choice, variants, threads, build_s, rounds, with_o
             cfg.compression.max_accuracy_drop, "threads": threads, "rounds": rounds,
         "build_seconds": round(build_s, 1), "table": table,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "loadavg_after": os.getloadavg()},
+                    "loadavg_after": os.getloadavg(), **_cpu()},
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,17 @@ NO_CUDA = ("benchmarks/gpu.py: no CUDA device (torch.cuda.is_available() is Fals
            "benchmark measures GPUs only and records nothing without one")
 
 
+def _cpu() -> dict:
+    """The CPU this ran on: model, ISA features (AVX2, AVX-512, VNNI, BF16, AMX), threads
+    (``bentos/machine.py`` loaded by path: stdlib only, so a bare GPU machine can run it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("maas_machine", REPO / "bentos" / "machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {"cpu": module.describe()}
+
+
 def peak_tflops(card: str, override: float | None) -> tuple[float | None, str]:
     if override:
         return override, "--peak-tflops"
@@ -99,7 +110,7 @@ def environment(torch) -> dict:
             "bf16": torch.cuda.is_bf16_supported(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "driver": driver,
             "transformers": transformers.__version__, "onnxruntime": ort_info,
-            "python": platform.python_version()}
+            "python": platform.python_version(), **_cpu()}
 
 
 def inputs(torch, config, batch: int, seq: int, device: str):

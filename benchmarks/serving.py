@@ -49,6 +49,13 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE
     os.environ.setdefault(_k, _v)
 
 
+def _cpu() -> dict:
+    """The CPU this ran on: model, ISA features (AVX2, AVX-512, VNNI, BF16, AMX), threads."""
+    from bentos.machine import describe
+
+    return {"cpu": describe()}
+
+
 def read_tsv(path: Path) -> tuple[list[str], list[int]]:
     texts, labels = [], []
     for row in path.read_text("utf-8").splitlines()[1:]:
@@ -271,7 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpus": cores(), "platform": platform.platform(),
                     "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                     "cuda": torch.cuda.is_available(), "python": platform.python_version(),
-                    "loadavg_start": os.getloadavg()},
+                    "loadavg_start": os.getloadavg(), **_cpu()},
         "args": vars(args), "model_uri": model_uri,
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
     }

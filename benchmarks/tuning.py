@@ -51,6 +51,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
+def _cpu() -> dict:
+    """The CPU this ran on: model, ISA features (AVX2, AVX-512, VNNI, BF16, AMX), threads."""
+    from bentos.machine import describe
+
+    return {"cpu": describe()}
+
+
 @contextmanager
 def fresh_database(admin_url: str) -> Iterator[str]:
     import sqlalchemy as sa
@@ -314,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "tuning",
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), **_cpu()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k != "pg_admin"},
         "scaling": [], "pruning": [], "pruning_target": PRUNE_TARGET,

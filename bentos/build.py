@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bentos import recheck
 from bentos.bento_card import bento_card
 from bentos.runtimes import runtime as serving_runtime
 from bentos.service_spec import ServiceSpec, service_spec
@@ -301,14 +302,17 @@ def _model_metadata(mv: Any, model_uri: str, run_id: str | None, alias: str | No
 
 
 def _import_model(model_uri: str, name: str, variant: Variant, labels: dict[str, str],
-                  metadata: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+                  metadata: dict[str, Any],
+                  check: recheck.Plan | None = None) -> tuple[str, dict[str, Any]]:
     """The variant's files as a new model in the BentoML store: (its tag, what
-    :func:`_write_model_files` says about them)."""
+    :func:`_write_model_files` says about them); ``check``'s candidates go in beside them."""
     import bentoml
 
     with bentoml.models.create(name=sanitize_name(name), labels=labels,
                                metadata=metadata) as bm:
         files = _write_model_files(variant, Path(bm.path))
+        if check is not None:
+            files["candidates"] = check.write(Path(bm.path), _write_model_files)
         bm.info.metadata.update(labels=files["labels"], task=files["task"],
                                 architecture=files["architecture"])
     model_tag = str(bm.tag)
@@ -354,6 +358,9 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
     run_id = mv.run_id or tags.get("maas.run_id") or None
     variant = choose_variant(tags, f"models:/{name}/{version}", settings.variant)
     service = service_spec(tags)
+    # variants to re-time when served on a CPU unlike the one the choice was made on
+    check = recheck.plan(tags, f"models:/{name}/{version}", variant, service.folder,
+                         settings.variant)
     if settings.forward_batch_size is None and variant.forward_batch_size:
         # the pass size the pipeline measured fastest for this variant (else the runtime's)
         settings = settings.model_copy(update={"forward_batch_size": variant.forward_batch_size})
@@ -367,8 +374,9 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
     metadata = _model_metadata(mv, model_uri, run_id, alias, settings, variant)
 
     with bentoml_store_scope() as home:
-        model_tag, files = _import_model(model_uri, name, variant, str_labels, metadata)
+        model_tag, files = _import_model(model_uri, name, variant, str_labels, metadata, check)
         config = _bento_config(model_tag, settings, metadata, variant, files)
+        config["machine_check"] = check.config(files.get("candidates") or {})
         bentofile = _bentofile(bento_name, str_labels, variant, _description(
             name, version, alias, run_id, variant, files["labels"], model_tag), service)
         try:

@@ -77,8 +77,26 @@ def collect(cfg: PipelineConfig, run_id: str, version: str, *, raw, data, report
         "drift": live["drift"],
         "alias_history": live["alias_history"],
         "serving": _serving(cfg),
+        "machine": _machine(tags),
     }
     return redact_obj(_plain(facts))
+
+
+def _machine(tags: dict[str, str]) -> dict[str, Any]:
+    """The CPU the variant choice was measured on (the chosen variant's entry of the
+    ``maas.variants`` tag; this machine when no table was recorded)."""
+    import json
+
+    from bentos.machine import describe
+
+    try:
+        entry = json.loads(tags.get("maas.variants") or "{}").get(
+            tags.get("maas.variant") or "fp32") or {}
+    except (ValueError, AttributeError):
+        entry = {}
+    recorded = entry.get("machine") if isinstance(entry.get("machine"), dict) else None
+    return {**(recorded or describe()), "measured_for": "variant choice" if recorded
+            else "card (no variant table)"}
 
 
 def _data(raw, data, report, run_id: str) -> dict[str, Any]:

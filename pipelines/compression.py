@@ -72,6 +72,7 @@ class Outcome:
                 "forward_batch_size": f["forward_batch_size"],
                 "p50_ms_b1": round(f["p50_ms_b1"], 3),
                 "size_mb": round(v.size_mb, 2), "params": v.params,
+                "machine": f.get("machine"),  # the CPU the figures (and the choice) hold for
             }
         return out
 

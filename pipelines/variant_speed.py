@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bentos.machine import describe as describe_machine
 from bentos.text_classifier.maas_runtime import DEFAULT_FORWARD_BATCH
 
 BATCH = 32
@@ -144,5 +145,6 @@ def figures(m: Measured, reference: np.ndarray, metrics: dict[str, float]) -> di
         "texts_per_s_by_forward": {str(k): round(v, 2) for k, v in m.probe.items()},
         "agreement_with_fp32": agree,
         "max_abs_prob_diff_vs_fp32": float(np.abs(m.probs - reference).max()),
+        "machine": describe_machine(),  # the CPU these figures hold for (bentos.machine)
         **metrics,
     }

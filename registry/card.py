@@ -74,7 +74,7 @@ def card_json(facts: dict[str, Any]) -> str:
 def _render(facts: dict[str, Any], detail: int) -> str:
     sections: list[Callable[[dict[str, Any], int], list[str]]] = [
         _overview, _data, _checkpoint, _study, _evaluation, _promotion, _drift, _history,
-        _serving, _lineage]
+        _serving, _machine, _lineage]
     lines = _title(facts, detail)
     for section in sections:
         body = section(facts, detail)
@@ -277,6 +277,20 @@ def _serving(facts: dict[str, Any], detail: int) -> list[str]:
     if limits:
         lines += ["", *_table(["limit", "value"], [[k, _num(v)] for k, v in limits.items()])]
     return lines
+
+
+def _machine(facts: dict[str, Any], detail: int) -> list[str]:
+    """The CPU the speed figures (and so the variant choice) hold for: int8's and bf16's worth
+    depends on VNNI, AVX-512 BF16 and AMX, so a bento on another CPU re-times its variants."""
+    m = facts.get("machine")
+    if not m:
+        return []
+    feats = [k for k, v in (m.get("features") or {}).items() if v]
+    return ["## Machine", "",
+            f"- CPU: {m.get('cpu_model') or 'unknown'}; {m.get('threads')} threads",
+            "- ISA features: " + (", ".join(feats) if feats else
+                                  "none of AVX2, AVX-512, VNNI, BF16, AMX"),
+            f"- Measured for: {m.get('measured_for') or 'variant choice'}"]
 
 
 def _lineage(facts: dict[str, Any], detail: int) -> list[str]:

@@ -34,6 +34,7 @@ bodies larger than the limits allow are refused with 413 before they are read
 import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
         config["mlflow"] = data.get("mlflow") or {}
         config["labels"] = data.get("labels") or []
         config["variant"] = data.get("variant") or {}
+        config["machine_check"] = data.get("machine_check") or {}
     return config
 
 
@@ -103,6 +105,9 @@ VARIANT_NAME = VARIANT.get("name") or "fp32"
 RUNTIME_NAME = VARIANT.get("runtime") or "torch"
 runtimes = _load_runtime_module()
 guard = _load_runtime_module("maas_guard")
+#: the CPU description and variant re-check (absent from bentos built before it: no check)
+machine = (_load_runtime_module("maas_machine")
+           if Path(__file__).with_name("maas_machine.py").is_file() else None)
 # chosen once, at import time: the resources BentoML schedules and the device the model uses
 HAS_GPU = runtimes.has_gpu(RUNTIME_NAME)
 HAS_CUDA = HAS_GPU  # the name older callers use
@@ -172,6 +177,20 @@ def _batch_histogram() -> Any:
     except ValueError:  # already registered in this process (a second in-process instance)
         logger.debug("maas_classify_batch_texts is already registered in this process")
         return None
+
+def _served_runtime(model_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(runtime, its variant, the machine check): the bento's variant, or, on a CPU whose
+    features differ from the one it was chosen on, the fastest of the variants within budget the
+    bento carries, timed here (``maas_machine.choose``; the log and ``/metadata`` say so)."""
+    def loader(variant: dict[str, Any], folder: str | None) -> Any:
+        path = model_dir / folder if folder else model_dir
+        return lambda: runtimes.load_runtime(variant, path, SETTINGS, CONFIG["labels"], THREADS)
+
+    if machine is None:
+        return loader(VARIANT, None)(), VARIANT, {"status": "bento without a machine check"}
+    return machine.choose(CONFIG.get("machine_check") or {}, VARIANT, loader,
+                          key=f"{MODEL_TAG}-{os.getppid()}")
+
 
 # filled by the service instance; read by the GET /metadata route (one instance per worker)
 _RUNTIME: dict[str, Any] = {}
@@ -297,8 +316,7 @@ class TextClassifier:
             raise RuntimeError(f"no model configured ({CONFIG_PATH.name} missing): build the "
                                "bento with bentos.build_bento(...)")
         stored = self.model  # the resolved BentoML model behind the BentoModel reference
-        self.runtime = runtimes.load_runtime(VARIANT, stored.path, SETTINGS,
-                                             CONFIG["labels"], THREADS)
+        self.runtime, self.variant, self.machine_check = _served_runtime(Path(stored.path))
         self.labels = self.runtime.labels
         self.max_tokens = self.runtime.max_tokens
         self.batch_texts = _batch_histogram()
@@ -327,11 +345,13 @@ class TextClassifier:
             "run_id": mlflow_info.get("mlflow_run_id", ""),
             "alias": mlflow_info.get("alias", ""),
             "model_uri": mlflow_info.get("model_uri", ""),
-            "variant": VARIANT_NAME,
-            "variant_model_uri": VARIANT.get("model_uri", ""),
-            "variant_run_id": VARIANT.get("run_id") or "",
-            "variant_accuracy": VARIANT.get("accuracy"),
-            "variant_accuracy_drop": VARIANT.get("accuracy_drop"),
+            "variant": self.variant.get("name") or VARIANT_NAME,
+            "variant_model_uri": self.variant.get("model_uri", ""),
+            "variant_run_id": self.variant.get("run_id") or "",
+            "variant_accuracy": self.variant.get("accuracy"),
+            "variant_accuracy_drop": self.variant.get("accuracy_drop"),
+            "machine": self.machine_check.get("machine"),
+            "machine_check": self.machine_check,
             "bento_tag": _bento_tag(),
             "bento_model_tag": bento_model_tag,
             "labels": self.labels,
