@@ -1,24 +1,17 @@
 """Shared pieces of the image-family tests (tests/test_image_*.py): small image folders, a
-pipeline config for them, one trained digits model per test run, bad image files, and a
-``bentoml serve`` of an image model."""
+pipeline config for them, one trained digits model per test run and bad image files."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
 import os
 import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "data" / "digits"
 FAMILY = "image_classifier"
-SERVICE_DIR = REPO / "bentos" / "image_classifier"
 
 
 def copy_digits(dest: Path, split: str = "train", classes: tuple[int, ...] = (0, 1, 2),
@@ -112,49 +105,3 @@ def _train_digits(out: Path) -> None:
 def trained_digits(tmp_path_factory) -> Path:
     """The folder of a CNN trained on data/digits (8x8, 6 epochs; made once per test run)."""
     return _once(tmp_path_factory, "image-digits-cnn", _train_digits)
-
-
-# -- bentoml serve of an image model ------------------------------------------------------------
-def make_context(model_uri: str, ctx: Path, settings: dict[str, Any], variant: str) -> str:
-    """A build context for the image service: a BentoML model holding the logged model's
-    folder as it is (current ``$BENTOML_HOME``; what ``bentos.build`` does for a pyfunc), the
-    service folder's files and ``bento_config.json``."""
-    import tempfile
-
-    import bentoml
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp, \
-            bentoml.models.create(f"test-image-{variant}") as stored:
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-        shutil.copytree(folder, stored.path, dirs_exist_ok=True)
-    meta = json.loads(next(Path(stored.path).rglob("maas_variant.json")).read_text("utf-8"))
-    ctx.mkdir(parents=True, exist_ok=True)
-    for src in SERVICE_DIR.glob("*.py"):
-        if src.name != "__init__.py":
-            shutil.copyfile(src, ctx / src.name)  # follows the maas_guard.py link
-    config = {"model_tag": str(stored.tag), "settings": settings, "labels": meta["labels"],
-              "variant": {"name": variant, "runtime": meta["runtime"]},
-              "mlflow": {"mlflow_model_name": "digits-test", "mlflow_version": "1"}}
-    (ctx / "bento_config.json").write_text(json.dumps(config), "utf-8")
-    return str(stored.tag)
-
-
-@contextlib.contextmanager
-def serve_context(ctx: Path, home: Path, log: Path) -> Iterator[str]:
-    """``bentoml serve service:ImageClassifier`` in ``ctx`` on a free port; its URL."""
-    from bentos.server import QUIET_ENV, free_port, stop_process, wait_ready
-
-    port = free_port()
-    env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(home)}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:ImageClassifier", "--host",
-             "127.0.0.1", "--port", str(port)], cwd=ctx, env=env, stdout=fh,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url, proc, 120.0, log)
-            yield url
-        finally:
-            stop_process(proc)

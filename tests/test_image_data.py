@@ -134,3 +134,29 @@ def test_truncated_images_stay_refused():
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     decoded = maas_images.decode(png_bytes((5, 4)), "x")
     assert (decoded.width, decoded.height, decoded.channels, decoded.format) == (5, 4, 1, "PNG")
+
+
+def test_maas_run_stops_on_a_corrupt_png_with_exit_3(tmp_path, monkeypatch):
+    """A truncated PNG in the training folder: exit 3 naming the file, before any store is
+    written (nothing trained, nothing registered)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    folder = copy_digits(tmp_path / "train", classes=(0, 1), per_class=4)
+    bad = sorted((folder / "1").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:60])  # the header survives, the pixel data does not
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "bad", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "data": {"path": str(folder)}, "model": {"family": "image_classifier"},
+        "validation": {"suite": str(DIGITS.parents[1] / "pipelines" / "digits-suite.json")},
+        "tuning": {"search_space": {"learning_rate": {"type": "float", "low": 1e-3,
+                                                      "high": 2e-3}}},
+        "registry": {"model_name": "bad"}}), "utf-8")
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(main, ["run", str(pipeline)])
+    assert out.exit_code == 3, out.output
+    assert f"{bad}: corrupt or truncated PNG image" in out.output
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,66 +1,77 @@
-"""The image service over HTTP: one ``bentoml serve`` of the digits CNN (logged as an MLflow
-pyfunc, its folder in a BentoML model as ``bentos.build`` puts it) per module. Multipart, raw and
-base64 JSON uploads answer label + probabilities per image in order; a table of bad inputs gets
-the status and message it should, and the server keeps answering."""
+"""The image service over HTTP, end to end: one ``maas run`` of a digits pipeline (validate, tune,
+register, promote, build) and one ``bentoml serve`` of the bento it built, per module.
+Multipart, raw and base64 JSON uploads answer label + probabilities per image in order; a table
+of bad inputs gets the status and message it should, and the server keeps answering."""
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
 import io
+import os
 
 import httpx
 import numpy as np
 import pytest
-from image_support import (
-    DIGITS,
-    digits_setup,
-    make_context,
-    png_bytes,
-    serve_context,
-    trained_digits,
-)
+import yaml
+from image_support import DIGITS, REPO, png_bytes
 
-from pipelines.families.image_classifier import model as mdl
-
-SETTINGS = {"max_images": 4, "max_image_bytes": 16384, "max_pixels": 250_000,
-            "max_batch_size": 8, "max_latency_ms": 10000, "workers": 1, "torch_threads": 1,
-            "body_timeout_s": 5.0}
+#: the service's default limits (bentos/image_classifier/service.py DEFAULT_SETTINGS)
+MAX_IMAGES, MAX_IMAGE_BYTES, MAX_PIXELS = 16, 4 * 1024 * 1024, 4096 * 4096
 #: one test image per digit 0..9
 SAMPLES = [sorted((DIGITS / "test" / str(d)).iterdir())[0] for d in range(10)]
 
 
+def _pipeline(work) -> dict:
+    return {
+        "name": "digits-test", "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "data": {"path": str(DIGITS / "train"), "test_path": str(DIGITS / "test"),
+                 "options": {"image_size": 8, "channels": 1}},
+        "validation": {"suite": str(REPO / "pipelines" / "digits-suite.json")},
+        "model": {"family": "image_classifier", "eval_batch_size": 256},
+        "tuning": {"n_trials": 1, "max_epochs": 5, "search_space": {
+            "learning_rate": {"type": "float", "low": 2e-3, "high": 4e-3}},
+            "fixed": {"batch_size": 32}},
+        "promotion": {"thresholds": {"accuracy": 0.9}},
+        "registry": {"model_name": "digits-test"},
+        # fp32 only: the bento serves the MLflow pyfunc folder (bentos.build, any flavour)
+        "compression": {"variants": []},
+        "bento": {"enabled": True, "max_batch_size": 8, "workers": 1, "torch_threads": 1},
+    }
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(url, expected labels of SAMPLES): the trained digits CNN logged to a fresh store and
-    served by ``bentoml serve`` until the module ends."""
-    import os
-
-    import mlflow
+    """(url, expected labels of SAMPLES, /metadata): the pipeline's bento being served."""
+    from bentos.server import serve_bento
+    from pipelines.config import PipelineConfig
+    from pipelines.families import load_family
+    from pipelines.run import run_pipeline
 
     work = tmp_path_factory.mktemp("image-serve")
-    family, _ = digits_setup()
-    model = mdl.load(trained_digits(tmp_path_factory))
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "BENTOML_HOME": str(work / "bentoml")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    path = work / "digits-test.yaml"
+    path.write_text(yaml.safe_dump(_pipeline(work)), "utf-8")
+    saved = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(work / "bentoml")
     try:
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        mlflow.set_experiment("image-serving")  # not an experiment id another store left active
-        with mlflow.start_run():
-            uri = family.log_model(model, "model").model_uri
-        make_context(uri, work / "ctx", SETTINGS, "fp32")
+        cfg = PipelineConfig.load(path)
+        result = run_pipeline(cfg)
+        assert str(result.champion_version) == "1" and result.bento_tag, result
+        assert result.test_metrics["accuracy"] >= 0.9, result.test_metrics
+        family = load_family(cfg)
+        model = family.load_logged("models:/digits-test@champion")
+        rows = family.read(DIGITS / "test", "test_path")
     finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    rows = family.read(DIGITS / "test", "test_path")
+        os.environ.pop("BENTOML_HOME") if saved is None else os.environ.update(
+            BENTOML_HOME=saved)
     rows = rows[rows.path.isin([str(p.resolve()) for p in SAMPLES])]
     probs = family.predict_proba(model, family.inputs(rows))
     by_path = dict(zip(rows.path, np.array(model.labels)[probs.argmax(axis=1)], strict=True))
     expected = [by_path[str(p.resolve())] for p in SAMPLES]
-    with serve_context(work / "ctx", work / "bentoml", work / "server.log") as url:
-        yield url, expected
+    with serve_bento(result.bento_tag, bentoml_home=work / "bentoml",
+                     log_path=work / "server.log") as running:
+        meta = httpx.get(f"{running.url}/metadata", timeout=10).json()
+        yield running.url, expected, meta
 
 
 def _files(paths):
@@ -76,7 +87,7 @@ def _check(answer, expected_labels):
 
 
 def test_multipart_raw_and_json_uploads(server):
-    url, expected = server
+    url, expected, _ = server
     order = [7, 2, 9, 0]
     r = httpx.post(f"{url}/classify", files=_files([SAMPLES[i] for i in order]), timeout=30)
     assert r.status_code == 200, r.text
@@ -94,7 +105,7 @@ def test_multipart_raw_and_json_uploads(server):
 
 
 def test_concurrent_requests_are_batched_and_kept_apart(server):
-    url, expected = server
+    url, expected, _ = server
 
     def call(k):
         idx = [(k + j) % 10 for j in range(3)]
@@ -109,17 +120,21 @@ def test_concurrent_requests_are_batched_and_kept_apart(server):
 
 
 def test_metadata_and_card(server):
-    url, _ = server
-    meta = httpx.get(f"{url}/metadata", timeout=10).json()
+    url, _, meta = server
     assert (meta["channels"], meta["image_size"], meta["arch"]) == (1, 8, "cnn")
     assert meta["labels"] == [str(i) for i in range(10)]
-    assert (meta["max_images"], meta["max_pixels"], meta["runtime"]) == (4, 250_000, "torch")
-    assert meta["batching"] is True and meta["model_name"] == "digits-test"
-    assert httpx.get(f"{url}/card", timeout=10).status_code == 404  # built without a card
+    assert (meta["model_name"], meta["model_version"], meta["alias"]) == (
+        "digits-test", "1", "champion")
+    assert (meta["variant"], meta["runtime"], meta["batching"]) == ("fp32", "torch", True)
+    assert (meta["max_images"], meta["max_image_bytes"], meta["max_pixels"]) == (
+        MAX_IMAGES, MAX_IMAGE_BYTES, MAX_PIXELS)
+    card = httpx.get(f"{url}/card", timeout=10)
+    assert card.status_code == 200 and "digits-test version 1" in card.text
+    assert meta["bento_tag"] in card.text
 
 
 def _bomb() -> bytes:
-    return png_bytes((1000, 1000))  # 1 M pixels from a 1 KB file: over max_pixels=250000
+    return png_bytes((5000, 4000))  # 20 M pixels from a 20 KB file: over max_pixels
 
 
 def _one(name, data, ctype="image/png"):
@@ -136,13 +151,14 @@ BAD_INPUTS = [
                                           ("images", ("bad.png", b"\x89PNG\r\n\x1a\nxx",
                                                       "image/png"))]},
      400, "image 1 (bad.png)"),
-    ("pixel bomb", _one("bomb.png", _bomb()), 400, "over max_pixels=250000"),
-    ("image over max_image_bytes", _one("big.bmp", png_bytes((150, 150), fmt="BMP")), 413,
-     "max_image_bytes=16384"),
+    ("pixel bomb", _one("bomb.png", _bomb()), 400, f"over max_pixels={MAX_PIXELS}"),
+    ("image over max_image_bytes", _one("big.bmp", png_bytes((1200, 1200), "RGB", "BMP")),
+     413, f"max_image_bytes={MAX_IMAGE_BYTES}"),
     ("too many images", {"files": [("images", (f"{i}.png", GOOD, "image/png"))
-                                   for i in range(5)]}, 413, "max_images=4"),
-    ("too many images (json)", {"json": {"images": [base64.b64encode(GOOD).decode()] * 5}},
-     400, "max_images=4"),
+                                   for i in range(MAX_IMAGES + 1)]}, 413,
+     f"max_images={MAX_IMAGES}"),
+    ("too many images (json)", {"json": {"images": [base64.b64encode(GOOD).decode()]
+                                         * (MAX_IMAGES + 1)}}, 400, f"max_images={MAX_IMAGES}"),
     ("text part", _one("a.txt", b"abc", "text/plain"), 415, "text/plain is not an image"),
     ("text body", {"content": b"abc", "headers": {"Content-Type": "text/plain"}}, 415,
      "not accepted"),
@@ -162,7 +178,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("case, kwargs, status, text", BAD_INPUTS,
                          ids=[c[0] for c in BAD_INPUTS])
 def test_bad_inputs(server, case, kwargs, status, text):
-    url, expected = server
+    url, expected, _ = server
     try:
         r = httpx.post(f"{url}/classify", timeout=30, **kwargs)
     except httpx.HTTPError as exc:  # the server may close after refusing a body it did not read
@@ -179,7 +195,7 @@ def test_content_length_over_the_limit_is_refused_unread(server):
     import http.client
     from urllib.parse import urlsplit
 
-    url, _ = server
+    url, _, _ = server
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
@@ -195,11 +211,11 @@ def test_content_length_over_the_limit_is_refused_unread(server):
 
 
 def test_streamed_body_over_the_limit_is_cut_off(server):
-    url, expected = server
+    url, _, meta = server
 
-    def chunks():
-        for _ in range(200):
-            yield b"\0" * 65536  # 13 MB, chunked: no Content-Length to refuse up front
+    def chunks():  # chunked: no Content-Length to refuse up front
+        for _ in range(meta["max_body_bytes"] // (1 << 20) + 2):
+            yield b"\0" * (1 << 20)
 
     r = httpx.post(f"{url}/classify", content=chunks(), headers={"Content-Type": "image/png"},
                    timeout=30)
@@ -212,5 +228,6 @@ def test_image_bytes_roundtrip_helper():
     from PIL import Image
 
     data = _bomb()
-    assert len(data) < 16384
-    assert Image.open(io.BytesIO(data)).size == (1000, 1000)
+    assert len(data) < 64 * 1024
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.size[0] * img.size[1] > MAX_PIXELS

@@ -165,4 +165,6 @@ def load_runtime(path: str | Path, nets: Any, settings: dict[str, Any],
     if meta.get("runtime") == "onnxruntime":
         return OrtRuntime(path, threads=threads, dtype=meta.get("dtype") or "float32",
                           forward_batch_size=fbs)
+    if nets is None:
+        raise RuntimeError(f"{path} holds a torch model but the bento was built for ONNX Runtime")
     return TorchRuntime(path, nets, threads=threads, forward_batch_size=fbs)

@@ -49,7 +49,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_batch_size": 32, "max_latency_ms": 5000, "timeout": 30.0, "max_concurrency": 64,
     "workers": 1, "service_name": None, "torch_threads": None, "variant": None,
     "forward_batch_size": None, "access_log": True, "body_timeout_s": 5.0,
-    "max_images": 32, "max_image_bytes": 4 * 1024 * 1024, "max_pixels": 4096 * 4096,
+    "max_images": 16, "max_image_bytes": 4 * 1024 * 1024, "max_pixels": 4096 * 4096,
 }
 
 
@@ -91,8 +91,10 @@ SERVICE_NAME = SETTINGS.get("service_name") or "ImageClassifier"
 VARIANT: dict[str, Any] = CONFIG["variant"]
 RUNTIME_NAME = VARIANT.get("runtime") or "torch"
 images = _load_module("maas_images")
-nets = _load_module("maas_nets")
 runtimes = _load_module("maas_runtime")
+#: the network definitions (torch): loaded only by a bento that serves the torch model, so an
+#: ONNX Runtime bento runs without torch installed
+nets = _load_module("maas_nets") if RUNTIME_NAME == "torch" else None
 guard = _load_module("maas_guard")
 upload = _load_module("maas_upload")
 HAS_GPU = runtimes.has_gpu(RUNTIME_NAME)

@@ -50,6 +50,8 @@ class ImageModelOptions(BaseModel):
                                "while training; 0 = no augmentation")
     calibration_images: int = Field(256, ge=8, description="training images that calibrate "
                                     "static int8")
+    train_threads: int | None = Field(None, ge=1, description="CPU threads while training; "
+                                      "default: 1 for networks under 5M parameters, else all")
 
 
 class ImageClassifier(Family):
@@ -173,10 +175,11 @@ class ImageClassifier(Family):
             arch = mdl.read_checkpoint(self.checkpoint)[0].get("arch", arch)
         labels = [data.id2label[i] for i in range(len(data.id2label))]
         spec = mdl.make_spec(arch, channels, size, len(labels), {**HYPERPARAMETERS, **params})
-        model = mdl.build(spec, labels, self.checkpoint)
+        model = mdl.build(spec, labels, self.checkpoint, seed)
         setup = TrainSetup(inputs=np.stack(self.inputs(data.train)),
                            label_ids=np.asarray(data.ids(data.train)), params=params,
-                           seed=seed, max_shift=self.model_options.augment_shift)
+                           seed=seed, max_shift=self.model_options.augment_shift,
+                           threads=self.model_options.train_threads)
         return Trainer(model, setup)
 
     def predict_proba(self, model: mdl.ImageModel, inputs: list[Any], desc: str | None = None):

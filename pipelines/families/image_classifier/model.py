@@ -58,9 +58,14 @@ def make_spec(arch: str, channels: int, image_size: int, num_classes: int,
     return spec
 
 
-def build(spec: dict[str, Any], labels: list[str], checkpoint: Path | None) -> ImageModel:
-    """A new model of ``spec``; with ``checkpoint``, its weights loaded where the shapes match
-    (a different class count re-initialises only the last layer, logged)."""
+def build(spec: dict[str, Any], labels: list[str], checkpoint: Path | None,
+          seed: int = 0) -> ImageModel:
+    """A new model of ``spec``, initialised from ``seed``; with ``checkpoint``, its weights
+    loaded where the shapes match (a different class count re-initialises only the last layer,
+    logged)."""
+    import torch
+
+    torch.manual_seed(seed)
     net = nets().build_net(spec)
     if checkpoint is not None:
         _load_matching(net, checkpoint)
