@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ADMIN_PASSWORD, Server, fresh_pg_database, mlflow_server, restore_env
+from helpers import (
+    ADMIN_PASSWORD,
+    Server,
+    fresh_mlflow_db,
+    fresh_pg_database,
+    mlflow_server,
+    restore_env,
+)
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,13 +136,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         out, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
 
 
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its schema migrated, made once per run: a fresh store
+    is a copy of it (``helpers.fresh_mlflow_db``) instead of alembic's migrations, seconds per
+    store. Made with the cwd in its own folder (the default experiment's artifact location)."""
+    def make(out: Path) -> None:
+        from mlflow.tracking import MlflowClient
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(out)
+            MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").search_experiments()
+
+    return _made_once_per_run(tmp_path_factory, "mlflow-db-template", make) / "mlflow.db"
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> str:
+def mlflow_store(tmp_path, monkeypatch, mlflow_db_template) -> str:
     """A fresh SQLite tracking/registry store; the cwd moves to tmp so artifacts land there."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_mlflow_db(mlflow_db_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     mlflow.set_tracking_uri(uri)

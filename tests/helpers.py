@@ -67,16 +67,28 @@ def write_pipeline(folder: Path, checkpoint: Path, **overrides) -> Path:
     return path
 
 
+def fresh_mlflow_db(template: Path, path: Path) -> str:
+    """A new, empty MLflow SQLite store at ``path``: a copy of the session's migrated
+    ``mlflow_db_template`` (conftest.py). Returns its tracking URI."""
+    import shutil
+
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 @contextlib.contextmanager
-def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: str):
-    """A fresh MLflow SQLite store + BentoML home (cwd and env pointed at them) with the tiny
+def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: str,
+                  template: Path | None = None):
+    """A fresh MLflow SQLite store (a copy of ``template`` when given: the session's
+    ``mlflow_db_template``) + BentoML home (cwd and env pointed at them) with the tiny
     classifier registered as ``model_name@champion``; yields {root, uri, home, version}."""
     import mlflow
 
     from bentos.testing import load_classifier, register_classifier
 
     root = tmp_path_factory.mktemp(prefix)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = (fresh_mlflow_db(template, root / "mlflow.db") if template is not None
+           else f"sqlite:///{root / 'mlflow.db'}")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", uri)

@@ -25,9 +25,10 @@ SETTINGS = BentoSettings(max_batch_size=16, max_latency_ms=5000, max_texts=8, ma
 
 # -- fixtures: one registry, one bento, one server for the module --------------------------------
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_checkpoint):
+def store(tmp_path_factory, tiny_checkpoint, mlflow_db_template):
     """A fresh MLflow SQLite store and BentoML home with the tiny model registered @champion."""
-    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "bentos-store") as store:
+    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "bentos-store",
+                       template=mlflow_db_template) as store:
         yield store
 
 
@@ -108,6 +109,7 @@ def test_build_bento_result_and_store(store, built):
                                                                       ctx.iterdir()}
 
 
+@pytest.mark.slow
 def test_bentoml_cli_build_from_context(store, built):
     """The kept build context is a plain BentoML project: `bentoml build DIR` builds it."""
     result, ctx = built
@@ -129,6 +131,7 @@ def test_build_rejects_unknown_alias(store):
 
 
 # -- serving over HTTP -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_classify_batch(server):
     texts = ["a gorgeous, witty film", "a dull mess", "fine."]
     r = post(server, {"texts": texts})
@@ -146,6 +149,7 @@ def test_classify_batch(server):
         body[1]["probabilities"]["positive"], abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("payload, limit", [
     ({"texts": []}, "max_texts=8"),
     ({"texts": ["ok"] * 9}, "max_texts=8"),
@@ -164,6 +168,7 @@ def test_bad_input_is_4xx_naming_the_limit(server, payload, limit):
     assert limit in r.text
 
 
+@pytest.mark.slow
 def test_non_utf8_and_non_json_bodies(server):
     r = post(server, content=b'{"texts": ["\xff\xfe bad"]}',
              headers={"content-type": "application/json"})
@@ -174,12 +179,14 @@ def test_non_utf8_and_non_json_bodies(server):
     assert r.status_code == 415 and "application/json" in r.text
 
 
+@pytest.mark.slow
 def test_oversized_body_is_413(server):
     big = json.dumps({"texts": ["x" * 200] * 8, "pad": "y" * 400_000}).encode()
     r = post(server, content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "max_texts=8" in r.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("media_type", [
     "application/x-pickle", "application/pickle", "application/python-pickle",
     "application/vnd.bentoml+pickle", "Application/X-Pickle; charset=binary",
@@ -194,6 +201,7 @@ def test_pickle_bodies_are_415(server, media_type, path):
     assert "pickle" in r.json()["error"]
 
 
+@pytest.mark.slow
 def test_metadata(server, built, store):
     result, _ = built
     r = httpx.get(server.url + "/metadata", timeout=10)
@@ -213,6 +221,7 @@ def test_metadata(server, built, store):
     assert httpx.post(server.url + "/metadata", timeout=10).json() == meta
 
 
+@pytest.mark.slow
 def test_health_and_metrics(server):
     assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
     assert httpx.get(server.url + "/livez", timeout=10).status_code == 200

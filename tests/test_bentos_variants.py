@@ -19,6 +19,8 @@ from bentos import BentoSettings, build_bento
 from bentos.build import LABEL_VARIANT, bentoml_store_scope
 from bentos.variants import VariantOutOfBudget, choose_variant, read_onnx_variant
 
+pytestmark = pytest.mark.slow  # bentos built and served / full pipeline runs
+
 MODEL_NAME = "tiny-variants"
 URI = f"models:/{MODEL_NAME}@champion"
 TEXTS = ["a gorgeous, witty film", "a dull mess", "fine.", ("the plot is thin but the cast is "
@@ -72,12 +74,13 @@ def _log_torch_variant(model, tok, variant: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, sharp_checkpoint):
+def store(tmp_path_factory, sharp_checkpoint, mlflow_db_template):
     """Registry with the version's variants: onnx (chosen), onnx-int8 and pruned within budget,
     pruned+onnx-int8 outside it."""
     from bentos import testing as t
 
-    with tiny_registry(tmp_path_factory, sharp_checkpoint, MODEL_NAME, "variants-store") as s:
+    with tiny_registry(tmp_path_factory, sharp_checkpoint, MODEL_NAME, "variants-store",
+                       template=mlflow_db_template) as s:
         model, tok = t.load_classifier(sharp_checkpoint)
         table = t.add_onnx_variants(MODEL_NAME, s["version"], model, tok, s["root"] / "onnx",
                                     chosen="onnx", int8_drop=0.004, max_accuracy_drop=0.01)

@@ -195,6 +195,7 @@ def promoted(mlflow_store, tmp_path, tiny_checkpoint):
     return {"uri": mlflow_store, "root": tmp_path}
 
 
+@pytest.mark.slow
 def test_card_in_registry_cli_ui_and_served_bento(promoted):
     from bentos.server import serve_bento
 

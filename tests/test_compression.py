@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 from pipelines.cli import main
 from registry import choose_variant
 
+pytestmark = pytest.mark.slow  # bentos built and served / full pipeline runs
+
 VARIANTS = ["onnx", "onnx-int8", "pruned", "pruned+onnx-int8"]
 FIGURES = {"size_mb", "params", "texts_per_s", "p50_ms_b1", "accuracy", "f1_macro",
            "agreement_with_fp32"}

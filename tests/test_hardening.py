@@ -75,6 +75,7 @@ def _leaks(root: Path, canaries: list[bytes], skip: set[Path]) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_pipeline_run_writes_no_credentials(mlflow_store, tmp_path, tiny_checkpoint):
     """Secrets in the Optuna storage URL's query and in the tracking URI's query: nothing in the
     tracking DB, the Optuna DB, the artifact tree or the CLI output contains them."""
@@ -175,6 +176,7 @@ def test_open_experiment_names_the_experiment_on_403(monkeypatch):
     assert "alices-exp" in str(err.value) and "CANARY5" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_other_users_experiment_is_permission_denied_exit_4(auth_server, tmp_path,
                                                             tiny_checkpoint):
     """On the basic-auth tracking server, bob runs a pipeline whose experiment alice owns: exit 4

@@ -126,6 +126,7 @@ def test_mixed_image_sizes_name_the_flag(tmp_path):
     assert found.classes == ("a", "b")
 
 
+@pytest.mark.slow
 def test_init_then_run_registers_a_champion(tmp_path, monkeypatch, mlflow_store,
                                             tiny_checkpoint):
     """What a user runs: `maas init DATA --test TEST --name NAME`, then `maas run NAME.yaml`

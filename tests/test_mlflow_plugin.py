@@ -17,9 +17,10 @@ URI = f"models:/{MODEL_NAME}@champion"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_checkpoint):
+def store(tmp_path_factory, tiny_checkpoint, mlflow_db_template):
     """A fresh MLflow SQLite store and BentoML home with the tiny model registered @champion."""
-    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "plugin-store") as store:
+    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "plugin-store",
+                       template=mlflow_db_template) as store:
         yield store
 
 
@@ -56,6 +57,7 @@ def test_target_is_registered_and_documented(client):
     assert _error_code(err.value) == "INVALID_PARAMETER_VALUE"
 
 
+@pytest.mark.slow
 def test_create_list_update_predict_delete(client, store):
     import bentoml
 
@@ -124,6 +126,7 @@ def test_predict_needs_a_server(client):
         client.predict(inputs=["a"])
 
 
+@pytest.mark.slow
 def test_run_local_via_mlflow_cli(client, store):
     """`mlflow deployments run-local -t bentoml` builds the bento and serves it; predict then uses
     the url recorded in the deployment config."""

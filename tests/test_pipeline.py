@@ -26,6 +26,7 @@ def registered_versions() -> list:
             for v in client.search_model_versions(f"name='{m.name}'")]
 
 
+@pytest.mark.slow
 def test_run_registers_promotes_and_logs_everything(mlflow_store, tmp_path, tiny_checkpoint):
     pipe = write_pipeline(tmp_path, tiny_checkpoint)
     res = maas("run", str(pipe), "--no-build")
@@ -73,6 +74,7 @@ def test_run_registers_promotes_and_logs_everything(mlflow_store, tmp_path, tiny
     assert {d["label"] for d in out[0]} == {"negative", "positive"}
 
 
+@pytest.mark.slow
 def test_second_run_not_promoted_then_manual_promote_and_rollback(mlflow_store, tmp_path,
                                                                    tiny_checkpoint):
     pipe = write_pipeline(tmp_path, tiny_checkpoint, tuning__n_trials=1, tuning__max_epochs=1)
@@ -173,6 +175,7 @@ def test_validation_failure_names_expectation_and_logs_report(mlflow_store, tmp_
     assert registered_versions() == []
 
 
+@pytest.mark.slow
 def test_second_identical_run_while_first_is_live_is_refused(mlflow_store, tmp_path,
                                                              tiny_checkpoint):
     """A RUNNING parent run that belongs to a live process is not 'resumed' by a second

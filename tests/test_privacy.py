@@ -228,6 +228,7 @@ def _found(files: dict[Path, bytes], needle: str) -> list[str]:
     return sorted(str(p) for p, b in files.items() if needle.encode() in b)
 
 
+@pytest.mark.slow
 def test_log_text_none_leaves_no_canary_anywhere(mlflow_store, tmp_path, tiny_checkpoint):
     inputs = _run(tmp_path, tiny_checkpoint, "none",
                   compression__enabled=True, compression__variants=["onnx"],
@@ -239,6 +240,7 @@ def test_log_text_none_leaves_no_canary_anywhere(mlflow_store, tmp_path, tiny_ch
     assert _found(files, PLACEHOLDER_TEXT), "the model's input example is the placeholder"
 
 
+@pytest.mark.slow
 def test_log_text_full_logs_the_canary(mlflow_store, tmp_path, tiny_checkpoint):
     files = _written_bytes(tmp_path, _run(tmp_path, tiny_checkpoint, "full"))
     found = _found(files, CANARY)
@@ -246,6 +248,7 @@ def test_log_text_full_logs_the_canary(mlflow_store, tmp_path, tiny_checkpoint):
     assert _found(files, EMAIL)
 
 
+@pytest.mark.slow
 def test_log_text_redacted_masks_pii(mlflow_store, tmp_path, tiny_checkpoint):
     files = _written_bytes(tmp_path, _run(tmp_path, tiny_checkpoint, "redacted"))
     assert _found(files, CANARY), "texts are logged (redacted, not withheld)"

@@ -153,6 +153,9 @@ def rows(db: Path, pipeline: str | None = None) -> list[dict]:
 
 
 def wait_for(pred, timeout: float, what: str, sched: Scheduler | None = None):
+    """Poll ``pred`` until it is truthy (returned) or ``timeout`` s pass (fail with the
+    scheduler's output). Deadlines that include a process start are generous (2 minutes): they
+    only bound a failure, a passing test returns as soon as the condition holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
@@ -401,6 +404,9 @@ def test_overlap_never_two_runs_at_once(tmp_path, env, schedulers):
         notes = " ".join(r["note"] or "" for r in recorded if r["outcome"] == "skipped_overlap")
         return done >= 2 and "still going" in notes and "running elsewhere" in notes
 
+    for sched in (a, b):  # started (imports done) before the clock for the runs starts
+        wait_for(lambda s=sched: "scheduler running" in s.output(), 120,
+                 "the scheduler to start", sched)
     wait_for(enough, 25, "two recorded successful runs and both kinds of skipped fires", a)
     assert a.stop() == 0 and b.stop() == 0, a.output() + b.output()
 
@@ -431,7 +437,7 @@ def test_retry_with_backoff_and_no_retry_for_exit_2_and_3(tmp_path, env, schedul
         final = {r["pipeline"] for r in rows(db) if r["outcome"] in ("success", "failed")}
         return final >= set(names)
 
-    wait_for(settled, 30, "every pipeline to succeed or fail for good", s)
+    wait_for(settled, 120, "every pipeline to succeed or fail for good", s)
     assert s.stop() == 0, s.output()
 
     flaky = rows(db, "flaky")
@@ -480,7 +486,7 @@ def test_shutdown_terminates_children_and_keeps_the_job_store(tmp_path, env, sch
                              dispatch], env)
     schedulers.append(s)
     # both children started and have their SIGTERM handlers installed
-    wait_for(lambda: {e[0] for e in events(tmp_path) if e[1] == "armed"} == set(names), 20,
+    wait_for(lambda: {e[0] for e in events(tmp_path) if e[1] == "armed"} == set(names), 120,
              "both children to start and install their signal handlers", s)
     t0 = time.monotonic()
     assert s.stop(sig) == 0, s.output()
@@ -528,7 +534,8 @@ def test_misfire_coalesced_into_one_catch_up_run_within_grace(tmp_path, env, sch
     db = tmp_path / "mlflow.db"
     first = Scheduler(tmp_path, args, env, "first")
     schedulers.append(first)
-    wait_for(lambda: "scheduler running" in first.output(), 20, "the scheduler to start", first)
+    wait_for(lambda: "scheduler running" in first.output(), 120, "the scheduler to start",
+             first)
     assert first.stop() == 0
     before = len(rows(db, "minutely"))  # a fire of the first run, if a minute turned meanwhile
 
@@ -543,7 +550,7 @@ def test_misfire_coalesced_into_one_catch_up_run_within_grace(tmp_path, env, sch
     restarted_at = datetime.now(timezone.utc)
     second = Scheduler(tmp_path, args, env, "second")
     schedulers.append(second)
-    wait_for(lambda: rows(db, "minutely")[before:] and rows(db, "yearly"), 20,
+    wait_for(lambda: rows(db, "minutely")[before:] and rows(db, "yearly"), 120,
              "the catch-up run and the missed record", second)
     time.sleep(1.0)  # no second catch-up run may follow
     assert second.stop() == 0
@@ -588,7 +595,8 @@ def test_postgres_store_and_advisory_lock(tmp_path, env, schedulers, pg_url):
             except sa.exc.ProgrammingError:
                 return {}
 
-        got = wait_for(lambda: len(outcomes()) == 2 and outcomes(), 30, "both outcomes", s)
+        got = wait_for(lambda: len(outcomes()) == 2 and outcomes(), 120, "both outcomes",
+                       s)
         assert s.stop() == 0
         assert got == {"free": "success", "busy": "skipped_overlap"}
         with engine.connect() as conn:

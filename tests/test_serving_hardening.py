@@ -21,6 +21,8 @@ from helpers import tiny_registry
 from bentos import BentoSettings
 from bentos.testing import serve_registered
 
+pytestmark = pytest.mark.slow  # bentos built and served / full pipeline runs
+
 MODEL_NAME = "tiny-hardening"
 MAX_CONCURRENCY = 4
 BODY_TIMEOUT_S = 1.5
@@ -32,8 +34,9 @@ GUARD_PATH = Path(__file__).resolve().parents[1] / "bentos" / "text_classifier" 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_checkpoint):
-    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "hardening-store") as store:
+def store(tmp_path_factory, tiny_checkpoint, mlflow_db_template):
+    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "hardening-store",
+                       template=mlflow_db_template) as store:
         yield store
 
 

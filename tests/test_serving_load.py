@@ -27,9 +27,10 @@ def _texts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_checkpoint):
+def store(tmp_path_factory, tiny_checkpoint, mlflow_db_template):
     """A fresh MLflow SQLite store and BentoML home with the tiny model registered @champion."""
-    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "load-store") as store:
+    with tiny_registry(tmp_path_factory, tiny_checkpoint, MODEL_NAME, "load-store",
+                       template=mlflow_db_template) as store:
         yield store
 
 

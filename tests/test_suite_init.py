@@ -381,6 +381,7 @@ def tiny_base(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_maas_run_with_the_drafted_suite(mlflow_store, tmp_path, tiny_base):
     folder = tmp_path / "run"
     folder.mkdir()

@@ -36,7 +36,7 @@ from helpers import (
     write_pipeline,
 )
 
-pytestmark = [pytest.mark.postgres]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # tracking servers
 
 
 # --------------------------------------------------------------------------------------------
