@@ -361,6 +361,7 @@ def build_bento(model_uri: str, settings: BentoSettings | None = None, *,
     # variants to re-time when served on a CPU unlike the one the choice was made on
     check = recheck.plan(tags, f"models:/{name}/{version}", variant, service.folder,
                          settings.variant)
+    variant = check.settle(variant, _write_model_files, settings)  # re-timed on this CPU
     if settings.forward_batch_size is None and variant.forward_batch_size:
         # the pass size the pipeline measured fastest for this variant (else the runtime's)
         settings = settings.model_copy(update={"forward_batch_size": variant.forward_batch_size})

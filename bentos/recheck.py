@@ -6,7 +6,9 @@ measured on (``bentos.machine.describe()``: CPU model, AVX2/AVX-512/VNNI/BF16/AM
 bento built from the version's own choice also carries the other variants within budget that its
 runtime can serve (``candidates/<name>/`` in the BentoML model), so that the service, started on
 a CPU whose features differ from the recorded ones, can time them there and serve the fastest
-(``maas_machine.recheck``, ``service.py``). A variant requested explicitly
+(``maas_machine.recheck``, ``service.py``). A build on such a CPU times them itself first
+(:meth:`Plan.settle`): the fastest becomes the bento's variant and the build machine the recorded
+one, so serving on the build machine starts without a re-check. A variant requested explicitly
 (``BentoSettings.variant``) is served as asked: no candidates, no re-check.
 
 mlflow is imported inside the functions only.
@@ -14,14 +16,17 @@ mlflow is imported inside the functions only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bentos import machine
+from bentos.settings import BentoSettings
 from bentos.variants import Variant, choose_variant, variant_table
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,36 @@ class Plan:
     recorded: dict[str, Any] | None
     candidates: list[Variant] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    #: what :meth:`settle` measured at build (None: nothing re-timed)
+    build_check: dict[str, Any] | None = None
+
+    def settle(self, served: Variant, write_files: Callable[[Variant, Path], dict[str, Any]],
+               settings: BentoSettings) -> Variant:
+        """At build, on a CPU whose features differ from the recorded ones: time ``served`` and
+        the candidates here (their files written to a temporary folder by ``write_files``, run
+        with the serving threads) and return the fastest, which the bento then serves; the
+        others become its candidates and this machine the recorded one. Else ``served``."""
+        here = machine.describe()
+        changed = machine.differs(self.recorded, here)
+        if not changed or not self.candidates:
+            return served
+        threads = settings.torch_threads or max(1, machine.threads() // settings.workers)
+        with tempfile.TemporaryDirectory(prefix="maas-recheck-") as tmp:
+            loaders = {v.name: _loader(v, Path(tmp) / v.name, write_files, settings, threads)
+                       for v in (served, *self.candidates)}
+            name, _, result = machine.recheck(loaders, served.name, self.texts, BUDGET_S)
+        self.build_check = {**result, "differs": changed, "chosen": served.name,
+                            "chosen_on": self.recorded}
+        logger.warning("machine check at build: this CPU (%s) is not the one variant %s was "
+                       "chosen on (%s); texts/s here %s: the bento serves %s",
+                       machine.summary(here), served.name, machine.summary(self.recorded),
+                       result["texts_per_s"], name)
+        self.recorded = here
+        if name == served.name:
+            return served
+        winner = next(c for c in self.candidates if c.name == name)
+        self.candidates = [c for c in self.candidates if c.name != name] + [served]
+        return dataclasses.replace(winner, chosen=True)
 
     def write(self, model_dir: Path,
               write_files: Callable[[Variant, Path], dict[str, Any]]) -> dict[str, Any]:
@@ -71,6 +106,7 @@ class Plan:
         return {
             "recorded": self.recorded,
             "built_on": machine.describe(),
+            "build_check": self.build_check,
             "budget_s": BUDGET_S,
             "texts": self.texts,
             "candidates": {
@@ -111,13 +147,21 @@ def plan(tags: dict[str, str], pinned_uri: str, served: Variant,
         return Plan(recorded, [], [])
     logger.info("bento carries %s besides %s for a re-check on a CPU unlike %s",
                 ", ".join(c.name for c in candidates), served.name, machine.summary(recorded))
-    changed = machine.differs(recorded, machine.describe())
-    if changed:
-        logger.warning("building on a CPU unlike the one variant %s was chosen on (%s): served "
-                       "here, the bento times %s at start and serves the fastest",
-                       served.name, ", ".join(changed),
-                       ", ".join([served.name, *(c.name for c in candidates)]))
     return Plan(recorded, candidates, _call_texts(example_texts(pinned_uri)))
+
+
+def _loader(variant: Variant, folder: Path, write_files: Callable[[Variant, Path], dict[str, Any]],
+            settings: BentoSettings, threads: int) -> Callable[[], Any]:
+    """Writes the variant's files into ``folder`` now; returns a loader of its serving runtime
+    (the bento's own ``maas_runtime``)."""
+    from bentos.text_classifier import maas_runtime
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = write_files(variant, folder)
+    spec = {**variant.to_dict(), **({"onnx": files["onnx"]} if "onnx" in files else {})}
+    serving = {**settings.to_dict(), "forward_batch_size": settings.forward_batch_size
+               or variant.forward_batch_size}
+    return lambda: maas_runtime.load_runtime(spec, folder, serving, files["labels"], threads)
 
 
 def _call_texts(example_texts: list[str] | None) -> list[str]:

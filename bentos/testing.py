@@ -63,8 +63,10 @@ def load_service(bento_tag: str, **overrides: Any):
 
     with bentoml_store_scope(), tempfile.TemporaryDirectory(prefix="maas-svc-") as tmp:
         src = Path(bentoml.bentos.get(bento_tag).path) / "src"
-        for module in (SERVICE_MODULE, RUNTIME_MODULE, GUARD_MODULE):
-            shutil.copy2(src / f"{module}.py", Path(tmp) / f"{module}.py")
+        # maas_machine: the CPU check (absent from bentos built before it)
+        for module in (SERVICE_MODULE, RUNTIME_MODULE, GUARD_MODULE, "maas_machine"):
+            if (src / f"{module}.py").is_file():
+                shutil.copy2(src / f"{module}.py", Path(tmp) / f"{module}.py")
         config = json.loads((src / CONFIG_FILENAME).read_text("utf-8"))
         config["settings"].update(overrides)
         (Path(tmp) / CONFIG_FILENAME).write_text(json.dumps(config), "utf-8")
@@ -79,6 +81,7 @@ def load_service(bento_tag: str, **overrides: Any):
             sys.modules.pop(name, None)
             sys.modules.pop(f"{name}_maas_runtime", None)
             sys.modules.pop(f"{name}_maas_guard", None)
+            sys.modules.pop(f"{name}_maas_machine", None)
 
 
 # -- compression variants (the layout the pipeline's variant step writes) --------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 import mlflow
 
+from bentos.machine import summary as machine_summary
 from pipelines.families.base import BuiltVariant, Compressor
 from pipelines.variant_speed import figures, measure
 
@@ -199,7 +200,10 @@ def markdown_table(outcome: Outcome) -> str:
                     f"{f['texts_per_s']:.1f} | {f['forward_batch_size']} | {f['p50_ms_b1']:.2f} | "
                     f"{f[outcome.metric]:.4f} | "
                     f"{outcome.choice.drops[n]:+.4f} | {f['agreement_with_fp32']:.4f} | {mark} |")
-    return head + "\n".join(rows) + "\n"
+    measured = next((v.figures.get("machine") for v in outcome.variants.values()
+                     if v.figures.get("machine")), None)
+    where = f"\nMeasured on {machine_summary(measured)}.\n" if measured else ""
+    return head + "\n".join(rows) + "\n" + where
 
 
 def version_tags(outcome: Outcome) -> dict[str, str]:

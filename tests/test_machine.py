@@ -6,8 +6,9 @@ recorded ones times its candidate variants there and serves the fastest.
 The re-check is shown for real: a registered version whose chosen variant ``onnx`` is a 4-layer,
 128-wide BERT graph recorded as chosen on a simulated AVX-512/VNNI/AMX machine, with a 2-layer,
 32-wide ``onnx-int8`` within budget beside it; ``bentoml serve`` on this machine times both and
-serves ``onnx-int8``, and ``/metadata`` says so. With the recorded features equal to this CPU's,
-nothing is re-timed and the choice stands."""
+serves ``onnx-int8``, and ``/metadata`` says so; a build here re-times them itself and packages
+``onnx-int8`` as the served variant. With the recorded features equal to this CPU's, nothing is
+re-timed and the choice stands."""
 
 from __future__ import annotations
 
@@ -107,6 +108,21 @@ def test_card_states_the_machine_of_the_choice():
     assert _machine({})["features"] == machine.describe()["features"]
 
 
+def test_variant_markdown_table_names_the_machine():
+    from pipelines.compression import Outcome, Variant, markdown_table
+    from registry import choose_variant
+
+    here = machine.describe()
+    rows = {n: {"texts_per_s": tps, "forward_batch_size": 4, "p50_ms_b1": 3.0, "accuracy": 0.9,
+                "agreement_with_fp32": 1.0, "machine": here}
+            for n, tps in (("fp32", 100.0), ("onnx-int8", 250.0))}
+    variants = {n: Variant(n, "torch" if n == "fp32" else "onnxruntime", figures=f)
+                for n, f in rows.items()}
+    outcome = Outcome(variants, choose_variant(rows, "accuracy", 0.01), "accuracy", 0.01)
+    assert f"Measured on {machine.summary(here)}." in markdown_table(outcome)
+    assert outcome.table()["onnx-int8"]["machine"] == here
+
+
 # -- the serving-side re-check, for real ------------------------------------------------------
 def _simulated_elsewhere() -> dict:
     """This machine with AVX-512, VNNI and AMX flipped: the CPU a choice was 'made on'."""
@@ -145,22 +161,63 @@ def _use_store(use_module_store):
     """Point each test at the module's store."""
 
 
-def _config(tag: str) -> dict:
+def _config_path(tag: str) -> Path:
     import bentoml
 
     with bentoml_store_scope():
-        path = Path(bentoml.bentos.get(tag).path) / "src" / "bento_config.json"
-    return json.loads(path.read_text("utf-8"))
+        return Path(bentoml.bentos.get(tag).path) / "src" / "bento_config.json"
 
 
-def test_served_on_another_cpu_the_bento_retimes_and_serves_the_fastest(store, tmp_path):
+def _config(tag: str) -> dict:
+    return json.loads(_config_path(tag).read_text("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def here_bento(store):
+    """A bento of the version with its table recorded on this very CPU: it serves ``onnx`` and
+    carries ``onnx-int8``, nothing re-timed at build."""
+    from bentos import testing as t
+
+    table = json.loads(json.dumps(store["table"]))
+    for entry in table.values():
+        entry["machine"] = machine.describe()
+    t.set_variants(MODEL_NAME, store["version"], table, chosen="onnx")
+    try:
+        built = build_bento(URI, BentoSettings(workers=2, max_texts=32))
+    finally:
+        t.set_variants(MODEL_NAME, store["version"], store["table"], chosen="onnx")
+    return built
+
+
+def test_built_on_another_cpu_the_bento_serves_the_fastest_there(store):
+    """The build itself times ``onnx`` and ``onnx-int8`` here (the record says another CPU) and
+    packages the faster as the served variant, the other as its candidate."""
+    built = build_bento(URI, BentoSettings(max_texts=32))
+    config = _config(built.bento_tag)
+    check = config["machine_check"]
+    assert built.variant == config["variant"]["name"] == "onnx-int8"
+    assert config["variant"]["onnx"]["dtype"] == "int8"
+    assert check["build_check"]["chosen"] == "onnx"
+    assert check["build_check"]["chosen_on"]["cpu_model"] == "Simulated Xeon"
+    speeds = check["build_check"]["texts_per_s"]
+    assert speeds["onnx-int8"] > speeds["onnx"], speeds
+    assert check["recorded"] == check["built_on"] == machine.describe()
+    assert list(check["candidates"]) == ["onnx"] and len(check["texts"]) == 32
+
+
+def test_served_on_another_cpu_the_bento_retimes_and_serves_the_fastest(store, here_bento,
+                                                                        tmp_path):
+    """A bento whose recorded machine is the simulated one (as if built there: its config is
+    rewritten), served here: the workers time both variants and all serve ``onnx-int8``."""
     from bentos.server import serve_bento
 
-    built = build_bento(URI, BentoSettings(workers=2, max_texts=32))
-    check = _config(built.bento_tag)["machine_check"]
-    assert check["recorded"]["cpu_model"] == "Simulated Xeon"
-    assert list(check["candidates"]) == ["onnx-int8"] and len(check["texts"]) == 32
-    with serve_bento(built.bento_tag, bentoml_home=store["home"],
+    path = _config_path(here_bento.bento_tag)
+    config = json.loads(path.read_text("utf-8"))
+    assert config["variant"]["name"] == "onnx" and config["machine_check"]["build_check"] is None
+    assert list(config["machine_check"]["candidates"]) == ["onnx-int8"]
+    config["machine_check"]["recorded"] = _simulated_elsewhere()
+    path.write_text(json.dumps(config), "utf-8")
+    with serve_bento(here_bento.bento_tag, bentoml_home=store["home"],
                      log_path=tmp_path / "serve.log") as srv:
         metas = [httpx.get(f"{srv.url}/metadata", timeout=30).json() for _ in range(6)]
         answer = httpx.post(f"{srv.url}/classify", json={"texts": ["a fine film"]}, timeout=60)
@@ -178,31 +235,24 @@ def test_served_on_another_cpu_the_bento_retimes_and_serves_the_fastest(store, t
     assert "machine check: this CPU" in log and "serving onnx-int8" in log
 
 
-def test_on_the_recorded_cpu_nothing_is_retimed(store):
+def test_on_the_recorded_cpu_nothing_is_retimed(store, here_bento):
     """With recorded features equal to this CPU's, the serving side (``maas_machine.choose``,
     with the service's loader over the bento's real model folder) loads only its own choice."""
     import importlib.util
 
+    import bentoml
+
     from bentos import testing as t
 
-    table = json.loads(json.dumps(store["table"]))
-    for entry in table.values():
-        entry["machine"] = machine.describe()
-    t.set_variants(MODEL_NAME, store["version"], table, chosen="onnx")
-    try:
-        built = build_bento(URI, BentoSettings(max_texts=32))
-    finally:
-        t.set_variants(MODEL_NAME, store["version"], store["table"], chosen="onnx")
-    config = _config(built.bento_tag)
+    config = _config(here_bento.bento_tag)
+    config["machine_check"]["recorded"] = machine.describe()
     spec = importlib.util.spec_from_file_location(
         "machine_test_runtime",
         Path(__file__).resolve().parents[1] / "bentos/text_classifier/maas_runtime.py")
     rt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rt)
-    import bentoml
-
     with bentoml_store_scope():
-        model_dir = Path(bentoml.models.get(built.model_tag).path)
+        model_dir = Path(bentoml.models.get(here_bento.model_tag).path)
     loaded = []
 
     def loader(variant, folder):
@@ -223,6 +273,12 @@ def test_on_the_recorded_cpu_nothing_is_retimed(store):
     runtime, variant, info = machine.choose(elsewhere, config["variant"], loader, key=None)
     assert sorted(loaded) == ["onnx", "onnx-int8"] and info["rechecked"] is True
     assert variant["name"] == info["served"] == "onnx-int8"
+    # the in-process service (bentos.testing.load_service) runs the same check
+    path = _config_path(here_bento.bento_tag)
+    path.write_text(json.dumps(config), "utf-8")
+    _, svc = t.load_service(here_bento.bento_tag)
+    assert svc.info["variant"] == "onnx" and svc.info["machine_check"]["rechecked"] is False
+    assert svc.info["machine"] == machine.describe()
 
 
 def test_an_explicitly_requested_variant_carries_no_candidates(store):
