@@ -2,7 +2,8 @@
 
 Copied into every image bento beside ``service.py``, which loads it (and ``maas_nets.py``) from
 its own folder; the pipeline imports it as ``bentos.image_classifier.maas_runtime`` to measure
-variants the way they are served. No imports from the ``bentos`` package.
+variants the way they are served. The shared runtime table (GPU check, ONNX Runtime session,
+cores) is ``maas_runtimes.py`` beside it in a bento, ``bentos.runtimes`` in the source tree.
 
 Both runtimes take a float32 batch ``(N, C, S, S)`` in [0, 1] (``maas_images.to_array``) and
 return softmax probabilities, one row per image, columns in label order, in passes of at most
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,49 +27,39 @@ META_FILE = "maas_variant.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_FORWARD_BATCH = 64
+#: the shared serving-runtime table (``bentos/runtimes.py``), copied into every bento beside
+#: this file under this name
+TABLE_FILE = "maas_runtimes.py"
 
 
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def table() -> Any:
+    """The serving-runtime table: ``maas_runtimes.py`` beside this file inside a bento,
+    ``bentos.runtimes`` in the source tree (the same file)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    path = Path(__file__).with_name(TABLE_FILE)
+    if not path.is_file():
+        return importlib.import_module("bentos.runtimes")
+    name = f"{__name__}_maas_runtimes"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def default_threads(workers: int) -> int:
-    return max(1, cpu_cores() // max(1, workers))
-
-
-def ort_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+    """Runtime threads per worker: the cores this process may use, shared by the workers."""
+    return max(1, table().cpu_cores() // max(1, workers))
 
 
 def has_gpu(runtime: str) -> bool:
-    if runtime == "onnxruntime":
-        return ort_providers()[0] != "CPUExecutionProvider"
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def make_session(model_file: str | Path, threads: int, providers: list[str]) -> Any:
-    """An ONNX Runtime session: all graph optimisations, ``threads`` intra-op threads, no
-    spinning (as for the text service)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ort.InferenceSession(str(model_file), options, providers=providers)
+    """Whether ``runtime`` would run on a GPU here (decides the resources BentoML schedules)."""
+    return table().has_gpu(runtime)
 
 
 def softmax(logits: Any) -> np.ndarray:
@@ -128,11 +117,12 @@ class OrtRuntime:
     def __init__(self, path: str | Path, *, threads: int, dtype: str = "float32",
                  forward_batch_size: int = DEFAULT_FORWARD_BATCH) -> None:
         model_file = find_file(path, ONNX_FILE) if Path(path).is_dir() else Path(path)
-        self.session = make_session(model_file, threads, ort_providers())
+        self.session = table().ort_session(model_file, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.forward_batch_size = forward_batch_size
         used = self.session.get_providers()
-        self.info = {"runtime": self.name, "device": "cuda" if used[0] in GPU_PROVIDERS else "cpu",
+        gpu = used[0] in table().GPU_PROVIDERS
+        self.info = {"runtime": self.name, "device": "cuda" if gpu else "cpu",
                      "dtype": dtype, "threads": threads, "providers": used,
                      "forward_batch_size": forward_batch_size}
 

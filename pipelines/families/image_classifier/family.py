@@ -207,7 +207,7 @@ class ImageClassifier(Family):
 
     # -- compression and card -----------------------------------------------------------------
     def compressor(self, model: mdl.ImageModel, data, workdir: Path):
-        from bentos.image_classifier.maas_runtime import cpu_cores
+        from bentos.runtimes import cpu_cores
         from pipelines.families.image_classifier.export import ImageCompressor
 
         calib = np.stack(self.inputs(data.train.iloc[:self.model_options.calibration_images]))
