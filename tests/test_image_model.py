@@ -67,6 +67,7 @@ def test_onnx_and_static_int8_variants(digits, tmp_path):
         comp.build("pruned")
 
 
+@pytest.mark.slow  # a fresh Python process importing mlflow and torch
 def test_pyfunc_predicts_in_a_fresh_process(digits, mlflow_store, tmp_path):
     import mlflow
 

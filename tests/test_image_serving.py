@@ -16,6 +16,8 @@ import pytest
 import yaml
 from image_support import DIGITS, REPO, png_bytes
 
+pytestmark = pytest.mark.slow  # a full `maas run` and a `bentoml serve` (the module's fixture)
+
 #: the service's default limits (bentos/image_classifier/service.py DEFAULT_SETTINGS)
 MAX_IMAGES, MAX_IMAGE_BYTES, MAX_PIXELS = 16, 4 * 1024 * 1024, 4096 * 4096
 #: one test image per digit 0..9
