@@ -1,5 +1,6 @@
 """Request-body guard for the text classifier service (copied into each bento beside
-``service.py``, which loads it from its own folder; it imports nothing from the ``bentos`` package).
+``service.py``, which loads it from its own folder; it imports nothing from the ``bentos``
+package).
 
 ``BodyGuardMiddleware`` is a pure ASGI middleware. For a request that announces a body
 (``Content-Length`` or ``Transfer-Encoding``) it reads the whole body *before* the app sees it:
@@ -14,10 +15,11 @@
 
 The app then gets the complete body as one message, never a truncated one. Neither uvicorn
 (no body-read timeout; ``--limit-concurrency`` counts connections), Starlette nor BentoML 1.4
-(``TimeoutMiddleware`` answers 504 after the whole request timeout, and ``MaxConcurrencyMiddleware``
-only counts) offers a body deadline or a streamed byte limit, hence this middleware. BentoML adds
-user middlewares *inside* its ``MaxConcurrencyMiddleware``, so a request's concurrency slot is
-taken before this guard runs; the deadline bounds how long a slow body holds it.
+(``TimeoutMiddleware`` answers 504 after the whole request timeout, and
+``MaxConcurrencyMiddleware`` only counts) offers a body deadline or a streamed byte limit, hence
+this middleware. BentoML adds user middlewares *inside* its ``MaxConcurrencyMiddleware``, so a
+request's concurrency slot is taken before this guard runs; the deadline bounds how long a slow
+body holds it.
 """
 
 from __future__ import annotations

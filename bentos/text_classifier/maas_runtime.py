@@ -217,7 +217,8 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, path: str | Path, *, threads: int, quantize: bool = False,
-                 max_tokens: int | None = None, forward_batch_size: int = DEFAULT_FORWARD_BATCH) -> None:
+                 max_tokens: int | None = None,
+                 forward_batch_size: int = DEFAULT_FORWARD_BATCH) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -265,7 +266,8 @@ class TorchRuntime:
             enc = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
             with torch.inference_mode():
                 logits = self.model(**enc).logits
-            for i, row in zip(idx, torch.softmax(logits.float(), dim=-1).cpu().tolist()):
+            rows = torch.softmax(logits.float(), dim=-1).cpu().tolist()
+            for i, row in zip(idx, rows, strict=True):
                 out[i] = row
         return out
 
@@ -307,7 +309,7 @@ class OrtRuntime:
                                          self.forward_batch_size):
             logits = self.session.run([self.output_name],
                                       session_feed(arrays, self.input_names))[0]
-            for i, row in zip(idx, softmax_rows(logits)):
+            for i, row in zip(idx, softmax_rows(logits), strict=True):
                 out[i] = row
         return out
 

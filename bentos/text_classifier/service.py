@@ -378,7 +378,7 @@ class TextClassifier:
         for row in probs:
             best = max(range(len(row)), key=row.__getitem__)
             out.append({"label": self.labels[best],
-                        "probabilities": dict(zip(self.labels, row))})
+                        "probabilities": dict(zip(self.labels, row, strict=True))})
         return out
 
     @bentoml.api(route="/classify", batchable=MAX_BATCH_SIZE > 1, batch_dim=0,
