@@ -160,3 +160,24 @@ def test_maas_run_stops_on_a_corrupt_png_with_exit_3(tmp_path, monkeypatch):
     assert out.exit_code == 3, out.output
     assert f"{bad}: corrupt or truncated PNG image" in out.output
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("rows, epochs, batch", [(1437, 12, 32), (60000, 2, 64)])
+def test_init_settings_make_a_valid_pipeline(tmp_path, rows, epochs, batch):
+    """The image part `maas init` writes loads as a pipeline of this family, sized by rows."""
+    import yaml
+
+    from pipelines.config import PipelineConfig
+    from pipelines.families.image_classifier import init_settings
+    from pipelines.init_detect import Detection
+
+    found = Detection("image_classifier", DIGITS / "train", "image_folder", rows,
+                      tuple(str(i) for i in range(10)), channels=1, image_size=28)
+    lines = init_settings(found, DIGITS / "test", tmp_path)
+    raw = yaml.safe_load("\n".join(lines))
+    raw.update(name="x", registry={"model_name": "x"})
+    cfg = PipelineConfig.from_dict(raw, base_dir=tmp_path)
+    assert cfg.model.family == "image_classifier"
+    assert cfg.data.path == (DIGITS / "train").resolve()
+    assert cfg.data.options == {"channels": 1, "image_size": 28}
+    assert (cfg.tuning.max_epochs, cfg.tuning.fixed["batch_size"]) == (epochs, batch)
