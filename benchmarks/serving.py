@@ -353,8 +353,8 @@ def table(report: dict[str, Any]) -> str:
                  for r in lim["by_batch"])
              + f" -> {lim['texts_per_s']} texts/s at batch {lim['best_batch']} (forward "
                f"{lim['best_forward_batch_size']})", ""]
-    header = ("| config (threads, workers, max batch, forward) | conc. | texts/s | p50 ms | p99 ms | p99/p50 | mean batch | server "
-              "cores | loadgen cores | statuses |")
+    header = ("| config (threads, workers, max batch, forward) | conc. | texts/s | p50 ms "
+              "| p99 ms | p99/p50 | mean batch | server cores | loadgen cores | statuses |")
     lines += [header, "|" + "---|" * 10]
     rows = [(t["config"], t) for t in report["search"]["tried"]]
     rows += [(report["search"]["best"], r) for r in report["served"]]
@@ -377,8 +377,12 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ints = lambda s: [int(x) for x in s.split(",")]
+    ints = _ints
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-uri", help="models:/NAME@ALIAS in MLFLOW_TRACKING_URI's registry "
                    "(default: the sentiment pipeline's model @champion)")

@@ -281,8 +281,9 @@ def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     body = [[("-" if r.get(k) is None else
               f"{r[k]:.4f}" if isinstance(r.get(k), float) and k == "best_value" else
               str(r[k])) for _, k in cols] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [head, *body]]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+             for row in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -112,7 +112,8 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
 
 
 def log_onnx_variant(onnx_path: str | Path, tokenizer: Any, variant: str,
-                     labels: tuple[str, ...] | list[str] = LABELS, max_length: int = 64) -> tuple[str, str]:
+                     labels: tuple[str, ...] | list[str] = LABELS,
+                     max_length: int = 64) -> tuple[str, str]:
     """Log ``onnx_path`` with ``mlflow.onnx`` (one file, no external data) in a child run of the
     active run (or a new run), with the tokenizer files and ``maas_variant.json`` as extra files.
     Returns ``(model_uri, run_id)``."""

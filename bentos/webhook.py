@@ -97,7 +97,8 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float,
     if not any(matched):
         return Verdict(False, 401, "bad signature", delivery_id, ts)
     if now - ts > window_s:
-        return Verdict(False, 401, f"stale timestamp ({now - ts:.0f} s old, window {window_s:g} s)",
+        return Verdict(False, 401,
+                       f"stale timestamp ({now - ts:.0f} s old, window {window_s:g} s)",
                        delivery_id, ts)
     if ts - now > window_s:
         return Verdict(False, 401, f"timestamp {ts - now:.0f} s in the future "

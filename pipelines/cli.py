@@ -86,7 +86,8 @@ def _register_subcommands() -> None:
     from pipelines.cli_webhook import webhook
     from pipelines.scheduling.cli import schedule_command
 
-    for command in (init, run, tune, validate, promote, rollback, models, card, build, suite, webhook):
+    for command in (init, run, tune, validate, promote, rollback, models, card, build, suite,
+                    webhook):
         main.add_command(command)
     main.add_command(schedule_command, "schedule")
 

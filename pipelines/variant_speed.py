@@ -75,7 +75,7 @@ def predict_all(clf: Classifier, texts: list[str], batch: int = BATCH,
         probs: list[np.ndarray] = [np.empty(0)] * len(call)
         for k in range(0, len(order), forward):
             idx = order[k:k + forward]
-            for j, row in zip(idx, clf.predict_proba([call[j] for j in idx])):
+            for j, row in zip(idx, clf.predict_proba([call[j] for j in idx]), strict=True):
                 probs[j] = row
         parts.append(np.stack(probs))
     return np.concatenate(parts)
@@ -97,7 +97,8 @@ def measure(clfs: dict[str, Classifier], texts: list[str], *, threads: int, roun
             latency_samples: int) -> dict[str, Measured]:
     """Probabilities on all ``texts`` plus speed figures for every classifier (torch ones run
     with ``threads`` intra-op threads; ORT sessions were made with the same count): a probe
-    pass per forward size picks each classifier's best, then ``rounds`` interleaved rounds at it."""
+    pass per forward size picks each classifier's best, then ``rounds`` interleaved rounds at
+    it."""
     out: dict[str, Measured] = {}
     speed_set = texts[:SPEED_TEXTS]
     with torch_threads(threads):

@@ -6,7 +6,8 @@ One job per module: :mod:`registry.tags` (the tag layout kept on each model vers
 helpers, :class:`RegistryError`), :mod:`registry.history` for the champion alias history,
 :mod:`registry.card` (pure rendering) and :mod:`registry.card_store` (attach / load) for model
 cards, :mod:`registry.gate` for the pure gates (challenger vs champion, which variant to serve) and
-:mod:`registry.locks` for the database locks (by URL and key) that promotion and the pipelines take.
+:mod:`registry.locks` for the database locks (by URL and key) that promotion and the pipelines
+take.
 """
 
 from registry.aliases import promote, rollback

@@ -178,10 +178,11 @@ def rollback(name: str, *, actor: str = "manual") -> str:
 
 
 def set_alias(client, name: str, alias: str, version: str, attempts: int = 3) -> None:
-    """``set_registered_model_alias``, retried: the SQL store upserts the alias as read-then-insert,
-    so two registrations racing to create an alias that does not exist yet make one of them fail
-    with a unique-key violation (seen with 8 parallel registrations against a PostgreSQL-backed
-    server); on retry the alias exists and is updated. Last writer wins, as for any alias move."""
+    """``set_registered_model_alias``, retried: the SQL store upserts the alias as
+    read-then-insert, so two registrations racing to create an alias that does not exist yet
+    make one of them fail with a unique-key violation (seen with 8 parallel registrations
+    against a PostgreSQL-backed server); on retry the alias exists and is updated. Last writer
+    wins, as for any alias move."""
     for attempt in range(attempts):
         try:
             client.set_registered_model_alias(name, alias, version)

@@ -214,7 +214,7 @@ def _evaluation(facts: dict[str, Any], detail: int) -> list[str]:
     conf = ev.get("confusion") or {}
     if conf.get("labels") and conf.get("matrix") and detail >= 1:
         rows = [[f"**{_cell(lab)}**", *[_num(x) for x in row]]
-                for lab, row in zip(conf["labels"], conf["matrix"])]
+                for lab, row in zip(conf["labels"], conf["matrix"], strict=True)]
         lines += ["", "Confusion matrix (rows: true, columns: predicted):", "",
                   *_table(["true \\ predicted", *[_cell(x) for x in conf["labels"]]], rows)]
     if ev.get("confusion_image"):

@@ -64,7 +64,7 @@ def format_history(events: list[dict[str, Any]]) -> str:
                       e.get("event") or "", f"{e.get('from') or '-'} -> {e.get('to') or '-'}",
                       e.get("reason") or ""])
     widths = [max(len(row[i]) for row in table) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
     return "\n".join(line.rstrip() for line in lines)

@@ -25,8 +25,8 @@ tags (all values are strings):
 ``maas.restored_at``                   when a rollback made the version champion again
 ``maas.decision.*``                    the gate's :class:`Decision` (see ``Decision.to_tags``)
 ``maas.promotion_attempt.<ts>-<pid>-<r>``  one JSON record per ``promote`` call on the version
-``maas.rollback.<ts>-<pid>-<r>``       one JSON record per ``rollback`` onto the version (at, actor,
-                                       from, to); ``registry.history`` reads these and
+``maas.rollback.<ts>-<pid>-<r>``       one JSON record per ``rollback`` onto the version (at,
+                                       actor, from, to); ``registry.history`` reads these and
                                        the attempts
 ``maas.superseded_by``                 a concurrent promotion won the alias right after this one
 ``maas.variant`` / ``maas.variants``    the compression variant to serve and the variant table

@@ -228,8 +228,8 @@ def _distribution(ref: Mapping[str, int], cur: Mapping[str, int]):
     na, nb = sum(a), sum(b)
     if na == 0 or nb == 0:
         return None, None, {}, "an empty sample"
-    tvd = 0.5 * sum(abs(x / na - y / nb) for x, y in zip(a, b))
-    cols = [(x, y) for x, y in zip(a, b) if x + y > 0]
+    tvd = 0.5 * sum(abs(x / na - y / nb) for x, y in zip(a, b, strict=True))
+    cols = [(x, y) for x, y in zip(a, b, strict=True) if x + y > 0]
     details = {"reference_n": float(na), "current_n": float(nb)}
     if len(cols) < 2:  # one category in both: identical distributions
         return tvd, 1.0, {**details, "chi2": 0.0, "cramers_v": 0.0}, ""
@@ -272,7 +272,7 @@ def _oov(ref: DataProfile, cur: DataProfile):
 def _disagreement(ref: Sequence[str], cur: Sequence[str]):
     if not ref:
         return None, None, {}, "no test predictions"
-    n_diff = sum(1 for x, y in zip(ref, cur) if x != y)
+    n_diff = sum(1 for x, y in zip(ref, cur, strict=True) if x != y)
     return n_diff / len(ref), None, {"n": float(len(ref)), "n_disagree": float(n_diff)}, ""
 
 

@@ -132,8 +132,9 @@ def _build_suite(gx: Any, spec: dict[str, Any], path: Path) -> Any:
         label = f"suite {path}: expectation #{i} ({etype})"
         if etype not in known:
             hint = difflib.get_close_matches(etype, known, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise SuiteError(f"{label}: unknown expectation type {etype!r} in GX "
-                             f"{gx.__version__}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                             f"{gx.__version__}{did_you_mean}")
         kwargs = dict(e.get("kwargs") or {})
         config = ExpectationConfiguration(type=etype, kwargs=kwargs,
                                           meta=dict(e.get("meta") or {}))
@@ -259,5 +260,5 @@ def _quiet_gx() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lvl in zip(loggers, levels):
+        for lg, lvl in zip(loggers, levels, strict=True):
             lg.setLevel(lvl)

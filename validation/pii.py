@@ -28,7 +28,8 @@ PLACEHOLDER_TEXT = "an example text"
 
 EMAIL_REGEX = r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])"
 # +CC ... (international, 8+ digits in groups), (555) 123-4567, 555-123-4567 / 555.123.4567
-PHONE_REGEX = (r"(?<![\w+])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]?\d{2,4}){2,4}"
+PHONE_REGEX = (r"(?<![\w+])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?"
+               r"\d{2,4}(?:[\s.-]?\d{2,4}){2,4}"
                r"|\(\d{3}\)[\s.-]?\d{3}[\s.-]\d{4}|\d{3}[\s.-]\d{3}[\s.-]\d{4})(?![\w-])")
 # issuer prefixes (Visa 4, Mastercard 51-55 / 22-27, Amex 34/37, Discover 6011/65), 13-19 digits,
 # single spaces or hyphens allowed between digits; not the digit groups of a spaced IBAN

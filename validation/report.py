@@ -22,7 +22,8 @@ class ExpectationOutcome:
     expectation_type: str
     column: str | None
     success: bool
-    observed: Any = None  # observed_value, or {unexpected_count, unexpected_percent, element_count}
+    # observed_value, or {unexpected_count, unexpected_percent, element_count}
+    observed: Any = None
     examples: list[dict[str, Any]] = field(default_factory=list)  # [{"row": idx, "value": v}]
     kwargs: dict[str, Any] = field(default_factory=dict)
     unexpected_count: int | None = None

@@ -66,7 +66,8 @@ def _sync_jobs(sched: BackgroundScheduler, jobstore: ScopedJobStore,
         elif old is not None and repr(old.trigger) == repr(trigger) and old.next_run_time:
             extra["next_run_time"] = old.next_run_time
         sched.add_job(DUE, trigger, id=jid, name=cfg.name, replace_existing=True,
-                      kwargs={"pipeline": cfg.name, "schedule": cfg.schedule, "tz": opts.tz}, **extra)
+                      kwargs={"pipeline": cfg.name, "schedule": cfg.schedule, "tz": opts.tz},
+                      **extra)
 
 
 def _listener(store: Store, runner: FireRunner, misfire_grace_s: int):
