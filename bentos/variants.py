@@ -201,6 +201,15 @@ def save_onnx_variant(variant: Variant, dest: Path) -> dict[str, Any]:
     return meta
 
 
+def _smoke_input(arg, np):
+    """Ones in the declared dtype and shape of one graph input: a batch of one, named (dynamic)
+    axes of 4 (4 tokens of text; an image graph's spatial axes are fixed)."""
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+             "tensor(int32)": np.int32}.get(arg.type, np.int64)
+    shape = [d if isinstance(d, int) else (1 if i == 0 else 4) for i, d in enumerate(arg.shape)]
+    return np.ones(shape, dtype=dtype)
+
+
 def smoke_test_onnx(folder: Path, meta: dict[str, Any]) -> None:
     """Loads the graph with ONNX Runtime (CPU) and checks the declared output gives one logit per
     label: a broken export fails the build, not the server."""
@@ -211,8 +220,8 @@ def smoke_test_onnx(folder: Path, meta: dict[str, Any]) -> None:
     names = [o.name for o in sess.get_outputs()]
     if meta["output_name"] not in names:
         raise ValueError(f"model.onnx has outputs {names}, not {meta['output_name']!r}")
-    feed = {i.name: np.ones((1, 4), dtype=np.int64) for i in sess.get_inputs()}
+    feed = {i.name: _smoke_input(i, np) for i in sess.get_inputs()}
     logits = sess.run([meta["output_name"]], feed)[0]
     if logits.shape != (1, len(meta["labels"])):
-        raise ValueError(f"model.onnx gives logits of shape {logits.shape} for one text, "
+        raise ValueError(f"model.onnx gives logits of shape {logits.shape} for one input, "
                          f"expected (1, {len(meta['labels'])}) for labels {meta['labels']}")
