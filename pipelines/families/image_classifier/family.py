@@ -22,6 +22,7 @@ from bentos.image_classifier.maas_images import DEFAULT_MAX_PIXELS
 from pipelines.families.base import Family
 from pipelines.families.image_classifier import images as img
 from pipelines.families.image_classifier import model as mdl
+from pipelines.families.image_classifier.init_template import init_settings
 from pipelines.families.image_classifier.train import HYPERPARAMETERS
 
 
@@ -64,6 +65,7 @@ class ImageClassifier(Family):
     service = "bentos.image_classifier.service:ImageClassifier"
     runtime = "torch"
     variants = ("onnx", "onnx-int8")
+    init_settings = staticmethod(init_settings)  # `maas init`: init_template.py
     ModelOptions = ImageModelOptions
     DataOptions = ImageDataOptions
 
