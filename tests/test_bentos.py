@@ -267,7 +267,7 @@ def test_quantized_service_in_process(store, built, _restore_torch_threads):
                for m in quant.classifier.modules())
     texts = ["a gorgeous, witty film", "a dull mess"]
     a, b = plain.predict_texts(texts), quant.predict_texts(texts)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert sum(y["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert y["probabilities"]["positive"] == pytest.approx(
             x["probabilities"]["positive"], abs=0.05)

@@ -258,7 +258,7 @@ def test_onnx_variant_served_over_http_matches_fp32(store, chosen):
         got = [p["probabilities"]["positive"] for p in r.json()]
         assert [p["label"] for p in r.json()] == [
             "positive" if g > 0.5 else "negative" for g in got]
-        for a, b in zip(got, fp32):
+        for a, b in zip(got, fp32, strict=True):
             assert a == pytest.approx(b, abs=1e-3)
         # one text per request, concurrently: the batcher merges them, the answers stay right
         from bentos.loadgen import load
@@ -326,4 +326,4 @@ def test_onnx_variant_uses_gpu_providers_when_listed(store, chosen):
     assert svc.info["providers"][0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
     fp32 = _fp32_probabilities(store, TEXTS)
     got = [p["probabilities"]["positive"] for p in svc.predict_texts(TEXTS)]
-    assert max(abs(a - b) for a, b in zip(got, fp32)) < 1e-2
+    assert max(abs(a - b) for a, b in zip(got, fp32, strict=True)) < 1e-2

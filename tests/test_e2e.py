@@ -1,6 +1,7 @@
 """End to end as a user runs it: `maas run` (subprocess, real SQLite MLflow store, real Optuna
 study, real GX gate, tiny BERT) -> version registered -> champion alias -> bento built ->
-the summary's `bentoml serve` command on 127.0.0.1 -> real HTTP predictions -> a bad request 4xx."""
+the summary's `bentoml serve` command on 127.0.0.1 -> real HTTP predictions -> a bad request
+4xx."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def test_run_build_serve_predict(tmp_path, tiny_checkpoint, monkeypatch):
         model, tok = load_logged("models:/tiny-sentiment/1")
         ref = predict_proba(model, tok, texts, max_length=128, batch_size=4)
         labels = list(served[0]["probabilities"])
-        for row, item in zip(ref, served):
+        for row, item in zip(ref, served, strict=True):
             for j, name in enumerate(model.config.id2label.values()):
                 assert item["probabilities"][name] == pytest.approx(float(row[j]), abs=1e-3)
         assert labels == ["negative", "positive"]

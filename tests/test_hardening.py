@@ -27,9 +27,11 @@ def invoke(*args: str):
     ("https://h/x?Token=abc&secret=def&access_key=ghi",
      "https://h/x?Token=***&secret=***&access_key=***"),
     ("s3://b/k?X-Amz-Signature=abc&x=1", "s3://b/k?X-Amz-Signature=***&x=1"),
-    ("host=db port=5432 user=u password=pw1 dbname=o", "host=db port=5432 user=u password=*** dbname=o"),
+    ("host=db port=5432 user=u password=pw1 dbname=o",
+     "host=db port=5432 user=u password=*** dbname=o"),
     ("host=db PASSWORD='two words' sslmode=require", "host=db PASSWORD=*** sslmode=require"),
-    ("error talking to http://bob:pw@h:1/api: 403", "error talking to http://bob:***@h:1/api: 403"),
+    ("error talking to http://bob:pw@h:1/api: 403",
+     "error talking to http://bob:***@h:1/api: 403"),
 ])
 def test_redact_masks_credentials(raw, expected):
     assert redact(raw) == expected

@@ -126,7 +126,7 @@ def test_pii_expectations_run_in_the_gate(tmp_path):
     report = validate(df, suite)
     assert not report.success
     flagged: dict[str, set[int]] = {}
-    for o, e in zip(report.outcomes, spec["expectations"]):
+    for o, e in zip(report.outcomes, spec["expectations"], strict=True):
         flagged[e["meta"]["pii"]] = {x["row"] for x in o.examples}
     for row, (_, kind) in enumerate(GX_ROWS):
         hits = {k for k, rows in flagged.items() if row in rows}
@@ -171,7 +171,8 @@ def test_gate_rejects_an_unknown_mode():
 
 
 def test_privacy_config_field_paths(tmp_path, tiny_checkpoint):
-    assert PipelineConfig.load(write_pipeline(tmp_path, tiny_checkpoint)).privacy.log_text == "full"
+    cfg = PipelineConfig.load(write_pipeline(tmp_path, tiny_checkpoint))
+    assert cfg.privacy.log_text == "full"
     cfg = PipelineConfig.load(write_pipeline(tmp_path, tiny_checkpoint, privacy__log_text="none"))
     assert cfg.privacy.log_text == "none"
     with pytest.raises(ConfigError, match=r"privacy\.log_text: Input should be 'full'"):

@@ -28,7 +28,8 @@ def data():
     with open(SST2 / "train_sample.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[:64]
     texts = [r["sentence"] for r in rows]
-    return texts, [(int(r["label"]) + len(t)) % NUM_LABELS for r, t in zip(rows, texts)]
+    return texts, [(int(r["label"]) + len(t)) % NUM_LABELS
+                   for r, t in zip(rows, texts, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,8 @@ def test_parameters_are_really_removed(pruned, teacher):
     assert result.params_before == sum(p.numel() for p in teacher[0].parameters())
     assert result.params_after < 0.55 * result.params_before  # embeddings halve too (no vocab cut)
     assert result.nonembedding_after < 0.35 * result.nonembedding_before  # ~quadratic in width
-    assert result.details["num_attention_heads"] == "2->1" and result.details["hidden_size"] == "32->16"
+    assert result.details["num_attention_heads"] == "2->1"
+    assert result.details["hidden_size"] == "32->16"
 
 
 def test_input_model_is_untouched(pruned, teacher):

@@ -206,7 +206,7 @@ def test_stalled_bodies_do_not_block_the_service(server):
         for sock in stalled:
             sock.close()
     codes = [_status(data) for data, _ in answers]
-    for (data, closed), code in zip(answers, codes):
+    for (data, closed), code in zip(answers, codes, strict=True):
         assert code in (408, 429) or closed, (data, server.log())
         if code == 408:
             assert closed, "a 408 closes the connection"

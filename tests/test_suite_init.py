@@ -232,7 +232,7 @@ def test_sst2_draft_passes_and_rejects_todays_injected_defects(tmp_path):
     path.write_text(json.dumps(draft_suite(df, "sst2-draft")))
     assert load_suite_spec(path)["name"] == "sst2-draft"
     assert validate(df, path).success
-    for name, (mutate, etype, column, kwargs, _example) in DEFECTS.items():
+    for name, (mutate, etype, column, _kwargs, _example) in DEFECTS.items():
         report = validate(mutate(df), path)
         assert not report.success, name
         assert (etype, column) in [(o.expectation_type, o.column) for o in report.failed], name

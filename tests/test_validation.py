@@ -1,4 +1,5 @@
-"""The GX Core 1.x validation gate, on real Great Expectations (no mocks) and the repo's SST-2 slice.
+"""The GX Core 1.x validation gate, on real Great Expectations (no mocks) and the repo's SST-2
+slice.
 
 Each defect is injected into a copy of the real slice and must fail exactly the expectation that
 guards it, named in ``summary()`` with the offending rows as examples."""
@@ -44,7 +45,8 @@ def test_real_sst2_slice_passes(clean_report, sst2):
     spec = json.loads((SUITES_DIR / "sentiment.json").read_text())
     assert report.suite_version == spec["meta"]["version"]
     # every suite entry is evaluated, in the suite's order (two same-type checks on `label` kept)
-    assert [o.expectation_type for o in report.outcomes] == [e["type"] for e in spec["expectations"]]
+    assert ([o.expectation_type for o in report.outcomes]
+            == [e["type"] for e in spec["expectations"]])
     assert all(isinstance(o, ExpectationOutcome) and o.success for o in report.outcomes)
     assert report.statistics["rows"] == len(sst2) == 2000
     assert report.statistics["evaluated_expectations"] == len(spec["expectations"])
