@@ -275,6 +275,13 @@ class Server:
             return ""
 
 
+#: MLflow's SQL-store connection pool in processes the tests start on PostgreSQL (servers, tuning
+#: workers): the server allows 100 connections, and with two xdist workers two PostgreSQL-heavy
+#: modules run at once; MLflow's default pool (5 + 10 overflow per process and server worker) ran
+#: it out ("too many clients already") in test_distributed while the shared servers were up
+PG_POOL_ENV = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "1", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "2"}
+
+
 @contextlib.contextmanager
 def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None,
                   workers: int = 2, start_timeout_s: float = 180.0,
@@ -292,7 +299,7 @@ def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
            "--port", str(port), "--workers", str(workers)]
-    env = {**os.environ,
+    env = {**os.environ, **PG_POOL_ENV,
            # the GenAI job runner (huey consumers) is not needed here: 8 fewer processes
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from helpers import write_pipeline
+from helpers import PG_POOL_ENV, write_pipeline
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -26,7 +26,8 @@ def _maas(args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
 
 
 def _env(tracking: str, **extra: str) -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MAAS_HEARTBEAT_S": "2", **extra}
+    return {**os.environ, **PG_POOL_ENV, "MLFLOW_TRACKING_URI": tracking, "MAAS_HEARTBEAT_S": "2",
+            **extra}
 
 
 def _wait_running_trial(storage: str, proc: subprocess.Popen, log: Path,
