@@ -94,13 +94,22 @@ def check_classify_response(texts: Sequence[str], body: Any) -> str | None:
     return None
 
 
+def json_texts(texts: Sequence[str]) -> tuple[bytes, str]:
+    """The default request body: ``{"texts": [...]}`` as JSON."""
+    return json.dumps({"texts": list(texts)}).encode(), "application/json"
+
+
 async def run_load(url: str, payloads: Sequence[Sequence[str]], *, requests: int,
                    concurrency: int, time_budget_s: float = 60.0,
                    request_timeout_s: float = 30.0,
                    check: Callable[[Sequence[str], Any], str | None] | None =
-                   check_classify_response) -> LoadResult:
+                   check_classify_response,
+                   encode: Callable[[Sequence[Any]], tuple[bytes, str]] | None = None,
+                   ) -> LoadResult:
     """POST ``{"texts": payloads[i % len(payloads)]}`` to ``url`` ``requests`` times with at
-    most ``concurrency`` requests in flight; stop sending once ``time_budget_s`` has passed."""
+    most ``concurrency`` requests in flight; stop sending once ``time_budget_s`` has passed.
+    ``encode(payload) -> (body, content type)`` sends other bodies (e.g. a multipart upload of
+    images; each payload item then counts as one text)."""
     import httpx
 
     if requests < 1 or concurrency < 1:
@@ -109,8 +118,7 @@ async def run_load(url: str, payloads: Sequence[Sequence[str]], *, requests: int
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(request_timeout_s, connect=min(10.0, request_timeout_s))
-    bodies = [json.dumps({"texts": list(texts)}).encode() for texts in payloads]
-    headers = {"content-type": "application/json"}
+    bodies = [(encode or json_texts)(texts) for texts in payloads]
     cpu0, start = time.process_time(), time.perf_counter()
     deadline = start + time_budget_s
 
@@ -122,7 +130,8 @@ async def run_load(url: str, payloads: Sequence[Sequence[str]], *, requests: int
             texts = payloads[i % len(payloads)]
             t0 = time.perf_counter()
             try:
-                resp = await client.post(url, content=bodies[i % len(bodies)], headers=headers)
+                body, ctype = bodies[i % len(bodies)]
+                resp = await client.post(url, content=body, headers={"content-type": ctype})
             except httpx.HTTPError as exc:
                 result.transport_errors += 1
                 if len(result.error_samples) < 10:
