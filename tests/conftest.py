@@ -9,7 +9,7 @@ import contextlib
 import os
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from helpers import (
     Server,
     fresh_mlflow_db,
     fresh_pg_database,
+    made_once_per_run,
     mlflow_server,
     restore_env,
 )
@@ -97,24 +98,6 @@ def _mlflow_uris_per_test() -> Iterator[None]:
 
 
 
-def _made_once_per_run(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
-    """``make(folder)`` once per test run, even with pytest-xdist: the workers share the run's
-    base temporary folder and take a file lock (the pattern pytest-xdist documents); the first
-    one makes the folder, the others wait for it and reuse it."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by the workers of this run
-    out, done = root / name, root / f"{name}.complete"
-    with FileLock(str(out) + ".lock"):
-        if not done.exists():
-            out.mkdir(parents=True, exist_ok=True)
-            make(out)
-            done.touch()
-    return out
-
-
 def _save_bert(out: Path, **sizes) -> None:
     """A BERT of ``sizes`` (random weights, seed 0, safetensors) with the real MiniLM
     tokenizer, saved in ``out``."""
@@ -132,7 +115,7 @@ def _save_bert(out: Path, **sizes) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT (random weights, safetensors) with the real MiniLM tokenizer."""
-    return _made_once_per_run(tmp_path_factory, "tiny-bert", lambda out: _save_bert(
+    return made_once_per_run(tmp_path_factory, "tiny-bert", lambda out: _save_bert(
         out, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
 
 
@@ -148,7 +131,7 @@ def mlflow_db_template(tmp_path_factory) -> Path:
             mp.chdir(out)
             MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").search_experiments()
 
-    return _made_once_per_run(tmp_path_factory, "mlflow-db-template", make) / "mlflow.db"
+    return made_once_per_run(tmp_path_factory, "mlflow-db-template", make) / "mlflow.db"
 
 
 @pytest.fixture
@@ -207,7 +190,7 @@ def pg_url(pg_factory):
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory) -> Path:
     """A 4-layer, 128-wide BERT: slow enough (seconds per epoch) to kill a process mid-trial."""
-    return _made_once_per_run(tmp_path_factory, "small-bert", lambda out: _save_bert(
+    return made_once_per_run(tmp_path_factory, "small-bert", lambda out: _save_bert(
         out, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
         intermediate_size=256))
 

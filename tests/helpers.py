@@ -396,3 +396,21 @@ def log_echo_model(experiment: str) -> tuple[str, str]:
             info = mlflow.pyfunc.log_model(name="model", python_model=Echo(),
                                            pip_requirements=[])
     return info.model_uri, run.info.run_id
+
+
+def made_once_per_run(tmp_path_factory, name: str, make) -> Path:
+    """``make(folder)`` once per test run, even with pytest-xdist: the workers share the run's
+    base temporary folder and take a file lock (the pattern pytest-xdist documents); the first
+    one makes the folder, the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    out, done = root / name, root / f"{name}.complete"
+    with FileLock(str(out) + ".lock"):
+        if not done.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            make(out)
+            done.touch()
+    return out

@@ -4,10 +4,11 @@ pipeline config for them, one trained digits model per test run and bad image fi
 from __future__ import annotations
 
 import io
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from helpers import made_once_per_run
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "data" / "digits"
@@ -67,22 +68,6 @@ def bad_files() -> dict[str, bytes]:
 
 
 # -- one trained model per test run -------------------------------------------------------------
-def _once(tmp_path_factory, name: str, make) -> Path:
-    """``make(folder)`` once per test run, also under pytest-xdist (file lock, shared base)."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    out, done = root / name, root / f"{name}.complete"
-    with FileLock(str(out) + ".lock"):
-        if not done.exists():
-            out.mkdir(parents=True, exist_ok=True)
-            make(out)
-            done.touch()
-    return out
-
-
 def digits_setup(folder: Path | None = None):
     """(family, dataset) of data/digits at 8x8 grayscale."""
     from pipelines.data import load_data, split_data
@@ -104,4 +89,4 @@ def _train_digits(out: Path) -> None:
 
 def trained_digits(tmp_path_factory) -> Path:
     """The folder of a CNN trained on data/digits (8x8, 6 epochs; made once per test run)."""
-    return _once(tmp_path_factory, "image-digits-cnn", _train_digits)
+    return made_once_per_run(tmp_path_factory, "image-digits-cnn", _train_digits)
