@@ -280,6 +280,11 @@ class Server:
 #: modules run at once; MLflow's default pool (5 + 10 overflow per process and server worker) ran
 #: it out ("too many clients already") in test_distributed while the shared servers were up
 PG_POOL_ENV = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "1", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "2"}
+#: A server answers many clients at once (eight parallel registrations): 1 + 2 per server worker
+#: timed out in CI ("QueuePool limit of size 1 overflow 2 reached"); 3 + 5 per worker, 16 per
+#: two-worker server, still fits several servers in PostgreSQL's default 100
+SERVER_PG_POOL_ENV = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "3",
+                      "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "5"}
 
 
 @contextlib.contextmanager
@@ -299,7 +304,7 @@ def mlflow_server(folder: Path, backend: str, *, auth_config: Path | None = None
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
            "--port", str(port), "--workers", str(workers)]
-    env = {**os.environ, **PG_POOL_ENV,
+    env = {**os.environ, **SERVER_PG_POOL_ENV,
            # the GenAI job runner (huey consumers) is not needed here: 8 fewer processes
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
