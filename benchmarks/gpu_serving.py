@@ -44,7 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
                "BENTOML_DO_NOT_TRACK": "True", "TRANSFORMERS_VERBOSITY": "error",
-               "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true"}.items():
+               "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true",
+               # the in-process figure tokenises on all cores, as the served worker does
+               "TOKENIZERS_PARALLELISM": "true"}.items():
     os.environ.setdefault(_k, _v)
 
 from benchmarks.gpu import forward_flops, peak_tflops  # noqa: E402
@@ -103,12 +105,14 @@ def long_texts(tokenizer, n: int) -> list[str]:
     return out
 
 
-def model_only(instance, batch: int, iters: int) -> dict[str, Any]:
-    """seq/s of the service's model object alone at length SEQ (random ids, full mask)."""
+def model_only(instance, batch: int, iters: int, compiled: bool = False) -> dict[str, Any]:
+    """seq/s of the service's model object alone at length SEQ (random ids, full mask);
+    ``compiled``: through ``torch.compile`` (what the service does not do, for comparison)."""
     import torch
 
     rt = instance.runtime
     cfg = rt.model.config
+    model = torch.compile(rt.model) if compiled else rt.model
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(1000, cfg.vocab_size, (batch, SEQ), generator=g).to(rt.device)
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -116,7 +120,7 @@ def model_only(instance, batch: int, iters: int) -> dict[str, Any]:
 
     def step():
         with torch.inference_mode():
-            rt.model(**x)
+            model(**x)
     for _ in range(max(2, iters // 5)):
         step()
     sync()
@@ -127,6 +131,7 @@ def model_only(instance, batch: int, iters: int) -> dict[str, Any]:
     s = (time.perf_counter() - t0) / iters
     flops = forward_flops(cfg, SEQ)
     return {"batch": batch, "seq_len": SEQ, "dtype": str(rt.dtype).replace("torch.", ""),
+            "compiled": compiled,
             "seq_per_s": batch / s, "tflops": flops * batch / s / 1e12}
 
 
@@ -213,6 +218,14 @@ def run(opts: argparse.Namespace, cuda: bool, card: str) -> dict[str, Any]:
     peak, source = peak_tflops(card, opts.peak_tflops)
     out["model_only"].update(peak_tflops=peak, peak_source=source,
                              share_of_peak=out["model_only"]["tflops"] / peak if peak else None)
+    out["model_only_more"] = []  # larger batches and torch.compile: what the card could give
+    for batch, compiled in opts.more_model_only:
+        try:
+            row = model_only(instance, batch, opts.iters, compiled)
+            row["share_of_peak"] = row["tflops"] / peak if peak else None
+        except Exception as exc:  # noqa: BLE001 - recorded, the benchmark goes on
+            row = {"batch": batch, "compiled": compiled, "error": f"{type(exc).__name__}: {exc}"}
+        out["model_only_more"].append(row)
     out["in_process"] = in_process(instance, texts, opts.batch, opts.rounds)
     reference = instance.predict_texts(texts[:min(64, opts.batch)])
     del instance
@@ -240,6 +253,10 @@ def table(res: dict[str, Any]) -> str:
         rows.append(f"model only     {m['seq_per_s']:>10.0f} seq/s  batch {m['batch']} "
                     f"len {m['seq_len']} {m['dtype']}  {m['tflops']:.1f} TFLOP/s = {share} "
                     "of peak")
+        for r in res.get("model_only_more", []):
+            rows.append(f"  batch {r['batch']:<5} compiled={r['compiled']!s:<5} " + (
+                f"{r['seq_per_s']:>8.0f} seq/s {r['share_of_peak'] or 0:.1%} of peak"
+                if "error" not in r else f"failed: {r['error'][:200]}"))
         rows.append(f"in-process     {res['in_process']['texts_per_s']:>10.0f} texts/s "
                     "(predict_texts: tokenise + forward + softmax)")
         for w, s in res["served"].items():
@@ -271,6 +288,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--budget-s", type=float, default=40.0)
     ap.add_argument("--peak-tflops", type=float)
+    ap.add_argument("--more-model-only", type=lambda s: [
+        (int(b), c == "c") for b, _, c in (x.partition(":") for x in s.split(",") if x)],
+        default=[(1024, False), (2048, False), (512, True), (2048, True)],
+        help="extra model-only rows, BATCH[:c] (c: torch.compile), e.g. 1024,2048:c")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no CUDA: run every step on the CPU at small sizes (tests the script)")
     ap.add_argument("--quick", action="store_true")
@@ -281,6 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         opts.batch, opts.iters, opts.texts, opts.rounds = 16, 3, 64, 1
         opts.clients, opts.concurrency, opts.texts_per_request = 2, 4, 8
         opts.requests, opts.budget_s = 16, 60.0
+        opts.more_model_only = [(32, False)]
     return opts
 
 

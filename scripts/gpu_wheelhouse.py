@@ -29,9 +29,9 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = ("bentoml", "mlflow-skinny", "sqlalchemy", "alembic", "pydantic", "pyyaml", "httpx",
          "tokenizers", "safetensors")
-#: installed here as a dependency of a root, never imported on the serving/registration path
-SKIP = {"databricks-sdk", "gitpython", "gitdb", "smmap", "google-auth", "pyasn1",
-        "pyasn1-modules", "rsa", "cachetools-stubs"}
+#: dependencies left out on purpose (none: the first try without databricks-sdk failed on the
+#: GPU machine, mlflow.genai looks up its namespace package at import)
+SKIP: set[str] = set()
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 

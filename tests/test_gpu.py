@@ -154,8 +154,12 @@ def test_predict_proba_on_cuda_matches_cpu(tiny_checkpoint, monkeypatch):
     texts, _ = _rows(96)
     cpu = tc.predict_proba(model, tok, texts, 64, batch_size=32)
     seen = []
-    real = tc._autocast
-    monkeypatch.setattr(tc, "_autocast", lambda d, t: seen.append(t) or real(d, t))
+    # predict_proba lives in text_classifier_model (text_classifier re-exports it): patching the
+    # re-exported name saw nothing, the first run on an H200 (2026-12-04) failed on that
+    from pipelines.families import text_classifier_model as tcm
+
+    real = tcm._autocast
+    monkeypatch.setattr(tcm, "_autocast", lambda d, t: seen.append(t) or real(d, t))
     gpu = tc.predict_proba(model.to("cuda"), tok, texts, 64, batch_size=32)
     assert seen and set(seen) <= {torch.bfloat16, torch.float16}
     assert gpu.shape == cpu.shape and gpu.dtype == cpu.dtype
