@@ -66,7 +66,10 @@ def build_all(cfg, data, model, tok, workdir: Path):
     from pipelines import compression as comp
 
     main = comp.builder(cfg, data, model, tok, workdir / "main")
-    names = [comp.REFERENCE] + [v for v in cfg.compression.variants if v != comp.REFERENCE]
+    from pipelines.families import load_family
+
+    names = [comp.REFERENCE] + [v for v in comp.requested(cfg, load_family(cfg))
+                                if v != comp.REFERENCE]
     variants = {n: comp.try_build(main, n) for n in names}
     extra = {n: comp.try_build(main, n) for n in OPT_IN if n not in variants}
     for suffix, mode, per_channel in INT8_ALTERNATIVES:

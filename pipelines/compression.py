@@ -85,7 +85,7 @@ def compress(cfg, data, model, family, evaluate: Callable[[Any], dict[str, float
     labels = family.labels(model)
     with tempfile.TemporaryDirectory(prefix="maas-variants-") as tmp:
         comp = family.compressor(model, data, Path(tmp))
-        names = [v for v in cfg.compression.variants if v != REFERENCE]
+        names = [v for v in requested(cfg, family) if v != REFERENCE]
         variants = {REFERENCE: try_build(comp, REFERENCE)}
         for n in names:
             variants[n] = (try_build(comp, n) if n in family.variants else Variant(
@@ -96,6 +96,15 @@ def compress(cfg, data, model, family, evaluate: Callable[[Any], dict[str, float
         for v in variants.values():
             _log_variant(v, outcome, comp, labels)
     return outcome
+
+
+def requested(cfg, family) -> list[str]:
+    """The variants to make: the pipeline file's ``compression.variants``, else the family's
+    defaults (:attr:`~pipelines.families.base.Family.default_variants`)."""
+    if cfg.compression.variants is not None:
+        return list(cfg.compression.variants)
+    defaults = family.default_variants
+    return list(family.variants if defaults is None else defaults)
 
 
 def builder(cfg, data, model, tokenizer, workdir: Path):

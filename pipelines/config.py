@@ -219,8 +219,10 @@ class BentoConfig(BentoSettings):
 
 
 #: the compression variants a pipeline may ask for (``fp32``, the reference, is always made)
-VARIANTS = ("fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8")
-Variant = Literal["fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8"]
+VARIANTS = ("fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8",
+            "distilled", "distilled+onnx", "distilled+onnx-int8")
+Variant = Literal["fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8",
+                  "distilled", "distilled+onnx", "distilled+onnx-int8"]
 
 
 class Int8Config(_Frozen):
@@ -268,17 +270,40 @@ class PruningConfig(_Frozen):
         return self
 
 
+class DistillationConfig(_Frozen):
+    """A student with fewer layers distilled from the tuned model (pipelines/distillation.py)."""
+
+    layers: int | list[int] | None = Field(None, description="teacher layers the student keeps: "
+                                           "a count (spread evenly, top kept) or 0-based "
+                                           "indices; None = every other layer")
+    epochs: int = Field(3, ge=1, description="distillation epochs (fewer when the budget ends)")
+    learning_rate: float = Field(1e-4, gt=0)
+    temperature: float = Field(2.0, gt=0, description="softening of both models' logits")
+    distill_alpha: float = Field(1.0, ge=0, le=1, description="weight of the teacher's soft "
+                                 "labels vs the hard labels (1 = soft only)")
+    distill_hidden: float = Field(10.0, ge=0, description="weight of the hidden-state MSE, "
+                                  "student layer j vs the teacher layer it was copied from")
+    unlabelled_path: Path | None = Field(None, description="more texts for the student (the "
+                                         "teacher labels them): .txt, one per line, or a table "
+                                         "with data.text_column; relative to the pipeline file")
+    max_unlabelled_rows: int = Field(20000, ge=1)
+    time_budget_s: float = Field(300.0, gt=0, description="the student is trained within this; "
+                                 "not made when one epoch would not fit")
+
+
 class CompressionConfig(_Frozen):
     enabled: bool = True
-    variants: list[Variant] = Field(
-        default_factory=lambda: ["onnx", "onnx-int8"],
-        description="variants made after tuning; fp32 (the reference) always is; the pruned "
-                    "ones are opt-in (docs/compression.md)")
+    variants: list[Variant] | None = Field(
+        None,
+        description="variants made after tuning; fp32 (the reference) always is; None = the "
+                    "family's defaults (text: onnx, onnx-int8, distilled, distilled+onnx-int8; "
+                    "the pruned ones are opt-in: docs/compression.md)")
     max_accuracy_drop: float = Field(
         0.01, ge=0, lt=1, description="largest drop of promotion.metric vs fp32 a served "
                                       "variant may have")
     int8: Int8Config = Int8Config()
     pruning: PruningConfig = PruningConfig()
+    distillation: DistillationConfig = DistillationConfig()
     threads: int | None = Field(None, ge=1, description="threads for speed figures; None = all "
                                                         "cores")
     speed_rounds: int = Field(3, ge=1, description="interleaved timing rounds per variant")
@@ -286,7 +311,9 @@ class CompressionConfig(_Frozen):
 
     @field_validator("variants")
     @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
         dupes = sorted({x for x in v if v.count(x) > 1})
         if dupes:
             raise ValueError(f"variants listed twice: {dupes}")
@@ -401,7 +428,11 @@ class PipelineConfig(_Frozen):
                 "test_path": res(self.data.test_path),
             }
         )
-        return self.model_copy(update={"data": data, "validation": self.validation.resolved(base)})
+        dist = self.compression.distillation
+        comp = self.compression.model_copy(update={"distillation": dist.model_copy(
+            update={"unlabelled_path": res(dist.unlabelled_path)})})
+        return self.model_copy(update={"data": data, "validation": self.validation.resolved(base),
+                                       "compression": comp})
 
     def config_hash(self) -> str:
         """sha256 of the semantic config (resolved, canonical JSON); stable across formatting."""

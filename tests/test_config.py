@@ -66,7 +66,14 @@ def test_compression_defaults_and_reference():
     cfg = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml")
     c = cfg.compression
     assert c.enabled and c.max_accuracy_drop == 0.01
-    assert c.variants == ["onnx", "onnx-int8"]  # pruning is opt-in (docs/compression.md)
+    assert c.variants is None  # the family's defaults; pruning is opt-in (docs/compression.md)
+    from pipelines.compression import requested
+    from pipelines.families import family_class
+
+    assert requested(cfg, family_class("text_classifier")) == [
+        "onnx", "onnx-int8", "distilled", "distilled+onnx-int8"]
+    assert requested(cfg, family_class("image_classifier")) == ["onnx", "onnx-int8"]
+    assert c.distillation.layers is None and c.distillation.epochs == 3
     assert c.pruning.ffn == 0.5 and c.pruning.recovery_epochs == 2
     opt_in = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml", {
         "compression.variants": ["onnx-int8", "pruned", "pruned+onnx-int8"]})

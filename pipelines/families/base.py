@@ -108,6 +108,9 @@ class Family(ABC):
     #: compression variants it can build besides "fp32" (others in the config are skipped, with
     #: the reason recorded); none: the compress step does not run
     variants: ClassVar[tuple[str, ...]] = ()
+    #: the variants made when the pipeline file does not list ``compression.variants``; None:
+    #: all of :attr:`variants`
+    default_variants: ClassVar[tuple[str, ...] | None] = None
     #: `maas init`: ``init_settings(found, test, base) -> list[str]``, the pipeline file's
     #: data/model/tuning lines for a detected source (``pipelines.init_detect.Detection``; paths
     #: relative to ``base``); None: `maas init` cannot set the family up

@@ -69,7 +69,11 @@ class TextClassifier(Family):
     hyperparameters = HYPERPARAMETERS
     service = "bentos.text_classifier.service:TextClassifier"
     runtime = "torch"
-    variants = ("onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8")
+    variants = ("onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8",
+                "distilled", "distilled+onnx", "distilled+onnx-int8")
+    #: pruning is opt-in (over the 1-point budget on MiniLM: docs/compression.md); the
+    #: distilled student is made when it fits compression.distillation.time_budget_s
+    default_variants = ("onnx", "onnx-int8", "distilled", "distilled+onnx-int8")
     init_settings = staticmethod(init_settings)  # `maas init`: text_classifier_init.py
 
     # -- data ---------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The text family's compression variants (its :class:`~pipelines.families.base.Compressor`).
 
 ``onnx`` (export + ONNX Runtime transformer fusion), ``onnx-int8`` (dynamic or static QDQ int8 of
-the fused graph), ``pruned`` (structured pruning + distilled recovery, torch) and their
-combinations ``pruned+onnx`` / ``pruned+onnx-int8``. Shared steps (the pruned model, each fused
-graph) are built once. ONNX variants are logged as ``mlflow.onnx`` models with the tokenizer and
+the fused graph), ``pruned`` (structured pruning + distilled recovery, torch), ``distilled`` (a
+student with fewer layers, pipelines/distillation.py) and their combinations ``pruned+onnx``,
+``distilled+onnx-int8``, ... Shared steps (the pruned model, the student, each fused graph) are
+built once. ONNX variants are logged as ``mlflow.onnx`` models with the tokenizer and
 ``maas_variant.json`` as extra files; torch ones with the transformers flavour.
 """
 
@@ -33,6 +34,7 @@ class TextCompressor:
         self._pruned: Any = None
         self._pruned_error: str | None = None
         self._pruned_details: dict[str, Any] = {}
+        self._students: dict[str, tuple[Any, dict[str, Any]] | str] = {}  # base -> model or error
         self._graphs: dict[str, tuple[Path, dict[str, Any]]] = {}
 
     def with_int8(self, mode: str, per_channel: bool, workdir: Path) -> TextCompressor:
@@ -45,11 +47,12 @@ class TextCompressor:
         other._graphs = {k: v for k, v in self._graphs.items() if not k.endswith("int8")}
         other._pruned, other._pruned_error = self._pruned, self._pruned_error
         other._pruned_details = dict(self._pruned_details)
+        other._students = dict(self._students)
         return other
 
     def build(self, name: str) -> BuiltVariant:
-        base, _, fmt = name.partition("+") if name.startswith("pruned") else ("", "", name)
-        model, extra = (self.pruned(), dict(self._pruned_details)) if base else (self.model, {})
+        base, _, fmt = name.partition("+") if name.startswith(_STUDENTS) else ("", "", name)
+        model, extra = self.student(base) if base else (self.model, {})
         if fmt in ("", "fp32"):
             return BuiltVariant(name, "torch", TorchClassifier(model, self.tok, self.max_length),
                                 _params(model), self._torch_size(model, name), extra,
@@ -67,6 +70,34 @@ class TextCompressor:
         from pipelines.families.text_classifier_model import log_model
 
         return log_model(variant.artifact, self.tok, "model", ["an example text"]).model_uri
+
+    def student(self, base: str) -> tuple[Any, dict[str, Any]]:
+        """The smaller torch model a variant starts from ("pruned" or "distilled"), made once,
+        and its details (the child run's params)."""
+        if base == "pruned":
+            return self.pruned(), dict(self._pruned_details)
+        made = self._students.get(base)
+        if isinstance(made, str):
+            raise RuntimeError(f"needs the {base} model, which was not made: {made}")
+        if made is None:
+            try:
+                made = self._distill()
+            except Exception as exc:
+                self._students[base] = f"{type(exc).__name__}: {exc}"
+                raise
+            self._students[base] = made
+        return made[0], dict(made[1])
+
+    def _distill(self) -> tuple[Any, dict[str, Any]]:
+        from pipelines.distillation import distill
+
+        s = self.cfg.compression.distillation
+        train = self.data.train
+        texts, labels = train.text.tolist(), [int(y) for y in self.data.ids(train)]
+        extra = _unlabelled(self.cfg, s)
+        res = distill(self.model, self.tok, texts + extra, labels + [-100] * len(extra), s,
+                      max_length=self.max_length, seed=self.cfg.tuning.sampler_seed)
+        return res.model, {f"distillation.{k}": v for k, v in res.details.items()}
 
     def pruned(self):
         if self._pruned_error:
@@ -96,10 +127,11 @@ class TextCompressor:
             **{f"pruning.{k}": v for k, v in res.details.items()}}
 
     def onnx_graph(self, name: str, model, fmt: str) -> tuple[Path, dict[str, Any]]:
-        key = ("pruned-" if name.startswith("pruned") else "") + fmt
+        base = name.partition("+")[0] if name.startswith(_STUDENTS) else ""
+        key = (f"{base}-" if base else "") + fmt
         if key in self._graphs:
             return self._graphs[key]
-        src = "pruned-onnx" if key.startswith("pruned") else "onnx"
+        src = f"{base}-onnx" if base else "onnx"
         if fmt == "onnx":
             raw, fused = self.dir / f"{src}-export.onnx", self.dir / f"{src}.onnx"
             ox.export(model, self.tok, raw, self.max_length)
@@ -123,6 +155,35 @@ class TextCompressor:
         folder = self.dir / f"{name}-torch"
         model.save_pretrained(folder, safe_serialization=True)
         return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
+
+
+#: variant prefixes that start from a smaller torch model instead of the tuned one
+_STUDENTS = ("pruned", "distilled")
+
+
+def _unlabelled(cfg, s) -> list[str]:
+    """The unlabelled texts of ``compression.distillation.unlabelled_path`` (at most
+    ``max_unlabelled_rows``): a .txt file, one text per line, or a table with the data's text
+    column."""
+    from pipelines.data import DataError, check_regular_file, column, read_frame
+
+    if s.unlabelled_path is None:
+        return []
+    path, field = s.unlabelled_path, "compression.distillation.unlabelled_path"
+    try:
+        if path.suffix == ".txt":
+            check_regular_file(path, "unlabelled_path")
+            lines = path.read_text("utf-8").splitlines()
+            texts = [t.strip() for t in lines if t.strip()]
+        else:
+            df = read_frame(path, cfg.data, "unlabelled_path")
+            col = column(df, cfg.data.text_column, "text_column", path)
+            texts = [str(t).strip() for t in col.dropna() if str(t).strip()]
+    except (DataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{field}: {exc}") from None
+    if not texts:
+        raise DataError(f"{field}: {path} holds no texts")
+    return texts[:s.max_unlabelled_rows]
 
 
 def _params(model) -> int:
