@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 #: the variant names the pipeline produces (informational: a version's ``maas.variants`` tag is
 #: what a build checks a requested variant against)
-VARIANT_NAMES = ("fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx-int8")
+VARIANT_NAMES = ("fp32", "onnx", "onnx-int8", "pruned", "pruned+onnx-int8", "distilled",
+                 "distilled+onnx-int8")
 _VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _SERVICE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -99,8 +99,9 @@ def _resolve_ref(ref: str) -> tuple[str, str]:
 @click.option("--max-batch-size", type=int, default=32, show_default=True)
 @click.option("--max-latency-ms", type=int, default=5000, show_default=True)
 @click.option("--variant", default=None, metavar="NAME",
-              help="Compression variant to serve (fp32, onnx, onnx-int8, pruned, "
-                   "pruned+onnx-int8); default: the version's chosen one (tag maas.variant).")
+              help="Compression variant to serve (fp32, onnx, onnx-int8, distilled, "
+                   "distilled+onnx-int8, pruned, ...); default: the version's chosen one "
+                   "(tag maas.variant).")
 @_errors
 def build(ref: str, quantize: bool, max_batch_size: int, max_latency_ms: int,
           variant: str | None) -> None:
