@@ -334,8 +334,13 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
         "served_5xx": sum(r["server_errors"] for r in served.values()),
         "p99_over_p50": {c: r["p99_over_p50"] for c, r in served.items()},
     }
+    # server CPU-ms per text over in-process CPU-ms per text: what serving costs beyond the
+    # model, from the processes' own counters (independent of what else shares the cores)
+    out["cpu_ratio"] = (round(out["server_cpu_ms_per_text"] / out["limit_cpu_ms_per_text"], 3)
+                        if out["limit_cpu_ms_per_text"] else None)
     out["targets"] = {
         "served >= 0.8 x machine limit at c=32": out["served_over_machine_limit"] >= 0.8,
+        "cpu_ratio <= 1.25": (out["cpu_ratio"] or 99) <= 1.25,
         "p99 <= 3 x p50 at c=32": (at["p99_over_p50"] or 99) <= 3,
         "zero 5xx": out["served_5xx"] == 0,
     }
