@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.pruning import _batches, _encode, _teacher_logits, count_params
+from pipelines.pruning import _batches, _encode, _teacher_logits, count_params, optimizer_step
 
 #: batches timed before the projection of one epoch's time
 PROBE_BATCHES = 4
@@ -113,12 +113,63 @@ def _loss(out, t_hidden, mapping, target, soft, s) -> Any:
     return loss
 
 
+@dataclass
+class _Session:
+    """One distillation's moving parts (internal to :func:`distill`)."""
+
+    student: Any
+    ref: Any                  # the teacher on the training device
+    tokenizer: Any
+    texts: list[str]
+    soft: Any                 # the teacher's logits on ``texts``
+    targets: Any              # class ids, -100 for unlabelled texts
+    mapping: list[int]        # student hidden state j <- teacher hidden state mapping[j]
+    s: Any                    # DistillationConfig
+    optimizer: Any
+    scheduler: Any
+    device: Any
+    max_length: int
+    start: float              # perf_counter at the start (the budget counts from it)
+
+    def epoch(self, batches: list[list[int]], first: bool, desc: str) -> float:
+        """One pass; its mean loss. The first epoch's first batches project its time and stop
+        a student that cannot fit the budget."""
+        import torch
+        from tqdm.auto import tqdm
+
+        s, t0, total, seen = self.s, time.perf_counter(), 0.0, 0
+        self.student.train()
+        for b, idx in enumerate(tqdm(batches, desc=desc, leave=False, unit="batch",
+                                     disable=None)):  # a bar on a terminal only
+            enc = _encode(self.tokenizer, [self.texts[i] for i in idx], self.max_length,
+                          self.device)
+            t_hidden = None
+            if s.distill_hidden > 0:
+                with torch.no_grad():
+                    t_hidden = (self.ref(**enc, output_hidden_states=True).hidden_states,
+                                enc["attention_mask"])
+            out = self.student(**enc, output_hidden_states=s.distill_hidden > 0)
+            loss = _loss(out, t_hidden, self.mapping, self.targets[idx].to(self.device),
+                         self.soft[idx].to(self.device), s)
+            optimizer_step(self.student, loss, self.optimizer, self.scheduler)
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
+            if first and b + 1 == PROBE_BATCHES:
+                self._check_budget((time.perf_counter() - t0) / PROBE_BATCHES * len(batches))
+        return total / max(seen, 1)
+
+    def _check_budget(self, projected: float) -> None:
+        if time.perf_counter() - self.start + projected > self.s.time_budget_s:
+            raise NotApplicable(
+                f"one distillation epoch would take ~{projected:.0f} s (projected from "
+                f"{PROBE_BATCHES} batches): over compression.distillation.time_budget_s "
+                f"= {self.s.time_budget_s:g} s")
+
+
 def distill(teacher, tokenizer, texts: list[str], labels: list[int], s, *, max_length: int,
-            seed: int, batch_size: int = 32, progress: bool = False) -> DistillResult:
+            seed: int, batch_size: int = 32) -> DistillResult:
     """Train a student of ``teacher`` (left untouched). ``labels``: class ids, -100 for
     unlabelled texts; ``s``: ``pipelines.config.DistillationConfig``."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     from pipelines.families.text_classifier_model import adamw
@@ -130,47 +181,23 @@ def distill(teacher, tokenizer, texts: list[str], labels: list[int], s, *, max_l
     ref = copy.deepcopy(teacher).to(device).eval()
     soft = _teacher_logits(ref, tokenizer, texts, max_length, batch_size, device)
     student = make_student(ref, keep).to(device)
-    mapping = [0] + [i + 1 for i in keep]  # student hidden state j <- teacher hidden state
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(texts) / batch_size) * s.epochs
     optimizer = adamw(student, s.learning_rate, 0.01)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
-    target_all = torch.tensor(labels, dtype=torch.long)
-    losses, epoch_s, budget_end = [], [], start + s.time_budget_s
+    run = _Session(student, ref, tokenizer, texts, soft, torch.tensor(labels, dtype=torch.long),
+                   [0] + [i + 1 for i in keep], s, optimizer,
+                   get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps),
+                   device, max_length, start)
+    losses, epoch_s = [], []
     for epoch in range(s.epochs):
-        if epoch_s and time.perf_counter() + epoch_s[-1] > budget_end:
+        if epoch_s and time.perf_counter() + epoch_s[-1] > start + s.time_budget_s:
             break  # the next epoch would not fit the budget
-        student.train()
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        batches = _batches(len(texts), batch_size, generator)
-        for b, idx in enumerate(tqdm(batches, desc=f"distill {epoch + 1}", leave=False,
-                                     unit="batch", disable=not progress)):
-            enc = _encode(tokenizer, [texts[i] for i in idx], max_length, device)
-            t_hidden = None
-            if s.distill_hidden > 0:
-                with torch.no_grad():
-                    t_hidden = (ref(**enc, output_hidden_states=True).hidden_states,
-                                enc["attention_mask"])
-            out = student(**enc, output_hidden_states=s.distill_hidden > 0)
-            loss = _loss(out, t_hidden, mapping, target_all[idx].to(device),
-                         soft[idx].to(device), s)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            total, seen = total + loss.item() * len(idx), seen + len(idx)
-            if epoch == 0 and b + 1 == PROBE_BATCHES:
-                projected = (time.perf_counter() - t0) / PROBE_BATCHES * len(batches)
-                if time.perf_counter() - start + projected > s.time_budget_s:
-                    raise NotApplicable(
-                        f"one distillation epoch would take ~{projected:.0f} s (projected from "
-                        f"{PROBE_BATCHES} batches): over compression.distillation.time_budget_s "
-                        f"= {s.time_budget_s:g} s")
-        losses.append(total / max(seen, 1))
+        t0 = time.perf_counter()
+        losses.append(run.epoch(_batches(len(texts), batch_size, generator), epoch == 0,
+                                f"distill {epoch + 1}"))
         epoch_s.append(time.perf_counter() - t0)
-    del ref
+    del run, ref
     teacher.train(was_training)
     student.to("cpu").eval()
     student.zero_grad(set_to_none=True)
@@ -180,6 +207,7 @@ def distill(teacher, tokenizer, texts: list[str], labels: list[int], s, *, max_l
         "params_before": before[0], "params_after": after[0],
         "texts": len(texts), "unlabelled_texts": int(sum(1 for y in labels if y < 0)),
         "epochs": s.epochs, "epochs_run": len(losses), "distill_loss": losses,
+        "epoch_seconds": epoch_s,
         "learning_rate": s.learning_rate, "temperature": s.temperature,
         "distill_alpha": s.distill_alpha, "distill_hidden": s.distill_hidden,
         "time_budget_s": s.time_budget_s, "distill_seconds": time.perf_counter() - start,

@@ -218,6 +218,17 @@ def _step_loss(model, teacher, enc, target, soft_logits, r: Recovery):
     return loss
 
 
+def optimizer_step(model, loss, optimizer, scheduler) -> None:
+    """Backward, clip the gradient norm to 1, step the optimizer and the schedule, clear."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _recover(model, teacher, tokenizer, texts, labels, teacher_logits, r: Recovery, *,
              seed: int, device, progress: bool) -> list[float]:
     """Fine-tune ``model`` in place with the :class:`Recovery` loss; mean loss per epoch."""
@@ -241,11 +252,7 @@ def _recover(model, teacher, tokenizer, texts, labels, teacher_logits, r: Recove
             enc = _encode(tokenizer, [texts[i] for i in idx], r.max_length, device)
             target = torch.tensor([labels[i] for i in idx], device=device)
             loss = _step_loss(model, teacher, enc, target, teacher_logits[idx].to(device), r)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, loss, optimizer, scheduler)
             total, seen = total + loss.item() * len(idx), seen + len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         losses.append(total / max(seen, 1))
