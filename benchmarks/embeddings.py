@@ -45,7 +45,7 @@ def chosen_variant(model_uri: str, work: Path) -> tuple[str, Path, Path]:
 
     from bentos.build import _resolve_version, parse_model_uri
 
-    name, version, alias = parse_model_uri(model_uri)
+    name, alias, version = parse_model_uri(model_uri)
     mv = _resolve_version(name, alias, version)
     tags = MlflowClient().get_model_version(name, mv.version).tags
     variant = tags.get("maas.variant", "fp32")

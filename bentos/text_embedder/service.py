@@ -217,6 +217,7 @@ class TextEmbedder:
             "variant_model_uri": VARIANT.get("model_uri", ""),
             "bento_tag": _bento_tag(), "bento_model_tag": str(stored.info.tag),
             **self.runtime.info,
+            "dtype": (VARIANT.get("onnx") or {}).get("dtype") or self.runtime.info["dtype"],
             "max_texts": MAX_TEXTS, "max_chars": MAX_CHARS, "workers": WORKERS,
             "max_concurrency": int(SETTINGS["max_concurrency"]),
             "timeout": float(SETTINGS["timeout"]), "encodings": ["float", "base64"],

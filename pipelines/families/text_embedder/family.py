@@ -186,12 +186,14 @@ class TextEmbedder(Family):
         from pipelines.families.text_classifier import TextClassifier
 
         facts = TextClassifier.card_facts(self)  # type: ignore[arg-type] - same checkpoint rules
-        fixed = self.cfg.tuning.fixed
-        facts.update({"task": "text embedding", "pooling": fixed.get(
-            "pooling", self.model_options.pooling) if "pooling" not in
-            self.cfg.tuning.search_space else "tuned (see best.pooling)",
-            "normalized": self.model_options.normalize, "knn_k": self.model_options.k,
-            "dim": _hidden_size(self.checkpoint)})
+        tuned = "pooling" in self.cfg.tuning.search_space
+        pooling = ("tuned (see the best trial's pooling)" if tuned else
+                   self.cfg.tuning.fixed.get("pooling", self.model_options.pooling))
+        facts["details"] = {"task": "text embedding", "pooling": pooling,
+                            "dim": _hidden_size(self.checkpoint),
+                            "normalized": self.model_options.normalize,
+                            "retrieval": f"kNN (k={self.model_options.k}) of the test split "
+                                         "against the training split"}
         return facts
 
 
