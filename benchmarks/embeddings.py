@@ -112,12 +112,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     torch.set_num_threads(cores)
     variant, folder, encoder = chosen_variant(args.model, work)
     runtime = "onnxruntime" if (folder / "model.onnx").is_file() else "torch"
-    rt = load_runtime({"runtime": runtime}, folder, {"forward_batch_size": BATCH}, cores)
+    rt = load_runtime({"runtime": runtime}, folder, {}, cores)  # the bento's pass size
+    fp32 = load_runtime({"runtime": "torch"}, encoder, {}, cores)
     st = SentenceTransformer(str(encoder), device="cpu")
     data = texts(args.texts)
     ours, ref = rt.embed(data[:64]), st.encode(data[:64], normalize_embeddings=True)
     cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
-    speeds = interleaved({f"maas {variant}": rt.embed,
+    speeds = interleaved({f"maas {variant} (chosen)": rt.embed, "maas fp32 (torch)": fp32.embed,
                           "sentence-transformers encode": lambda t: st.encode(
                               t, batch_size=BATCH, normalize_embeddings=True)},
                          data, args.rounds)
