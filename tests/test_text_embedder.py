@@ -1,6 +1,7 @@
 """The text embedder family: retrieval scores and the variant gate (pure), equality with
 sentence-transformers' ``encode``, one fine-tuned model per test run through the pyfunc registry
-round trip (fresh process) and the ONNX variants (cosine with fp32; lean ONNX runtime)."""
+round trip (fresh process) and the ONNX variants (cosine with fp32; lean ONNX runtime), and
+scored pairs (read, InfoNCE epoch, Spearman)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def test_fine_tune_scores_and_fresh_process_pyfunc(tuned, tmp_path):
     assert tuple(sig.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 384)
 
 
+@pytest.mark.slow  # ONNX export + fusion + int8 (8-13 s on 2 busy cores)
 def test_onnx_variants_agree_with_fp32_and_run_lean(tuned, tmp_path):
     family, data, model = tuned
     comp = family.compressor(model, data, tmp_path / "variants")
@@ -124,3 +126,57 @@ def test_onnx_variants_agree_with_fp32_and_run_lean(tuned, tmp_path):
                           str(REPO / "bentos" / "text_embedder" / "maas_runtime.py"),
                           str(folder)], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [384, False, False]
+
+
+def _pair_file(path, n: int = 48, bad_row: int | None = None):
+    """Scored pairs from SST-2 sentences: a sentence with its first k of n words (score k/n) or
+    with another sentence (score 0)."""
+    import pandas as pd
+    from embed_support import SST2
+
+    sents = [s for s in pd.read_csv(SST2 / "test.tsv", sep="\t").sentence if len(s.split()) > 6]
+    rows = []
+    for i in range(n):
+        words = sents[i].split()
+        if i % 3 == 2:
+            rows.append((sents[i], sents[i + n], 0.0))
+        else:
+            k = max(1, len(words) * (1 + i % 3) // 3)
+            rows.append((sents[i], " ".join(words[:k]), k / len(words)))
+    df = pd.DataFrame(rows, columns=["a", "b", "score"])
+    if bad_row is not None:
+        df["score"] = df["score"].astype(object)
+        df.loc[bad_row, "score"] = "high"
+    df.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_scored_pairs_read_train_and_score_spearman(tmp_path):
+    from embed_support import pipeline_dict
+
+    from pipelines.config import PipelineConfig
+    from pipelines.data import DataError, load_data, split_data
+    from pipelines.families import load_family
+
+    raw = pipeline_dict()
+    raw["data"].update(path=str(_pair_file(tmp_path / "pairs.tsv")), text_column="a",
+                       label_column="score", options={"pair_column": "b", "positive_score": 0.5})
+    raw["data"].pop("label_names")
+    raw.update(metric="spearman", promotion={"metric": "spearman"})
+    cfg = PipelineConfig.from_dict(raw)
+    family = load_family(cfg)
+    data = split_data(load_data(cfg.data, family), cfg.data)
+    family.use_data(data)
+    assert list(family.profile(data.train).columns) == ["text", "text_b", "label"]
+    model = family.base_model()
+    out = family.predict_proba(model, family.inputs(data.test))
+    assert out.shape == (len(data.test), 768)
+    ev = family.metrics(data.names(data.test), out, model, list(data.id2label.values()))
+    assert ev.metrics["spearman"] > 0.5 and 0 <= ev.metrics["accuracy"] <= 1
+    trainer = family.trainer(data, {"batch_size": 8, "epochs": 1}, seed=1)
+    assert trainer.pairs and len(trainer.texts) == int((data.train.label >= 0.5).sum())
+    assert np.isfinite(trainer.train_epoch())
+    raw["data"]["path"] = str(_pair_file(tmp_path / "bad.tsv", bad_row=4))
+    bad = PipelineConfig.from_dict(raw)
+    with pytest.raises(DataError, match="row 5: the pair score 'high' is not a number"):
+        load_data(bad.data, load_family(bad))

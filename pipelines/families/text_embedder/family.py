@@ -23,6 +23,7 @@ from pipelines.evaluation import METRICS
 from pipelines.families.base import Family, FamilyError
 from pipelines.families.text_embedder import retrieval
 from pipelines.families.text_embedder.model import POOLINGS, EmbedModel, embed
+from pipelines.families.text_embedder.pairs import embed_pairs, is_pairs, read_pairs, scores
 from pipelines.families.text_embedder.train import HYPERPARAMETERS, ContrastiveTrainer
 
 
@@ -36,6 +37,17 @@ class EmbedderOptions(BaseModel):
         "mean", description="pooling when the tuning does not set the `pooling` hyperparameter")
 
 
+class EmbedderData(BaseModel):
+    """``data.options`` of the text embedder: labelled texts (default) or scored pairs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pair_column: str | int | None = Field(
+        None, description="the second text column: rows are pairs (text_column, pair_column) "
+                          "and label_column their similarity score (higher: more similar)")
+    positive_score: float | None = Field(
+        None, description="pairs with a score >= this train as positives (None: every pair)")
+
+
 class TextEmbedder(Family):
     """Embeds texts with ``model.checkpoint``'s encoder; optionally fine-tuned contrastively."""
 
@@ -46,7 +58,8 @@ class TextEmbedder(Family):
     runtime = "torch"
     variants = ("onnx", "onnx-int8")
     ModelOptions = EmbedderOptions
-    metric_names = (*retrieval.METRIC_NAMES, *METRICS)
+    DataOptions = EmbedderData
+    metric_names = (*retrieval.METRIC_NAMES, "spearman", *METRICS)
     variant_floors = {"mean_cosine_vs_fp32": 0.99}
 
     def __init__(self, cfg) -> None:
@@ -58,19 +71,30 @@ class TextEmbedder(Family):
     def read(self, path: Path, role: str):
         from pipelines.data import read_table
 
+        if self.pairs:
+            return read_pairs(path, self.cfg.data, role, self.data_options.pair_column)
         return read_table(path, self.cfg.data, role)
 
-    def inputs(self, rows) -> list[str]:
+    @property
+    def pairs(self) -> bool:
+        """Whether rows are scored pairs (``data.options.pair_column``) or labelled texts."""
+        return self.data_options.pair_column is not None
+
+    def inputs(self, rows) -> list[Any]:
+        """Texts, or ``(text, text_b)`` tuples of pair rows."""
+        if self.pairs:
+            return list(zip(rows.text.tolist(), rows.text_b.tolist(), strict=True))
         return rows.text.tolist()
 
     def profile(self, rows):
-        return rows[["text", "label"]]
+        return rows[["text", "text_b", "label"] if self.pairs else ["text", "label"]]
 
     def drift_profile(self, rows, labels: list[str]):
         from pipelines.drift_step import SALT_ENV
         from validation.drift import profile_data
 
-        return profile_data(rows.text.tolist(), labels, salt=os.environ.get(SALT_ENV, ""))
+        texts = (rows.text + " " + rows.text_b) if self.pairs else rows.text
+        return profile_data(texts.tolist(), labels, salt=os.environ.get(SALT_ENV, ""))
 
     def describe(self, rows) -> list[Any]:
         from validation.pii import scrub
@@ -83,7 +107,9 @@ class TextEmbedder(Family):
         return loggable_texts(rows.text.tolist(), self.cfg.privacy.log_text, n=3)
 
     def use_data(self, data) -> None:
-        """The training split is the retrieval index of every score."""
+        """The training split is the retrieval index of every score (labelled texts)."""
+        if self.pairs:
+            return
         self._index_rows = (data.train.text.tolist(), data.names(data.train))
         self._index = None
 
@@ -105,8 +131,13 @@ class TextEmbedder(Family):
         if self._index_rows is None:
             self.use_data(data)
         params = {"pooling": self.model_options.pooling, **params}
+        rows, ids = data.train, data.ids(data.train)
+        if self.pairs:  # the positive pairs; each batch's other pairs are its negatives
+            floor = self.data_options.positive_score
+            rows = rows if floor is None else rows[rows.label >= floor]
+            ids = [0] * len(rows)
         return ContrastiveTrainer(
-            self.checkpoint, params, self.inputs(data.train), data.ids(data.train),
+            self.checkpoint, params, self.inputs(rows), ids,
             self.cfg.model.max_length, self.model_options.normalize, seed=seed,
             max_epochs=self.cfg.tuning.max_epochs)
 
@@ -119,8 +150,12 @@ class TextEmbedder(Family):
                           self.model_options.normalize, self.cfg.model.max_length)
 
     def predict_proba(self, model: EmbedModel, inputs: list[str], desc: str | None = None):
-        """The embeddings (float32, one row per text): this family's outputs."""
-        return embed(model, inputs, self.cfg.model.eval_batch_size, desc=desc)
+        """The embeddings (float32, one row per text; a pair's two side by side): this family's
+        outputs."""
+        def run(texts: list[str]) -> np.ndarray:
+            return embed(model, texts, self.cfg.model.eval_batch_size, desc=desc)
+
+        return embed_pairs(run, inputs) if is_pairs(inputs) else run(inputs)
 
     def labels(self, model: EmbedModel) -> list[str]:
         from pipelines.families.text_embedder.tracking import output_names
@@ -133,6 +168,8 @@ class TextEmbedder(Family):
         ``model`` (computed once per model state)."""
         from pipelines.evaluation import evaluate_predictions
 
+        if self.pairs:
+            return _pair_evaluation(truth, probs)
         found = retrieval.knn(probs, truth, *self.index(model), k=self.model_options.k)
         onehot = np.zeros((len(truth), len(labels) or 1), dtype=np.float32)
         pos = {lab: i for i, lab in enumerate(labels)}
@@ -192,9 +229,23 @@ class TextEmbedder(Family):
         facts["details"] = {"task": "text embedding", "pooling": pooling,
                             "dim": _hidden_size(self.checkpoint),
                             "normalized": self.model_options.normalize,
-                            "retrieval": f"kNN (k={self.model_options.k}) of the test split "
-                                         "against the training split"}
+                            "evaluation": "Spearman of pair cosine vs score" if self.pairs else
+                            f"kNN (k={self.model_options.k}) of the test split against the "
+                            "training split"}
         return facts
+
+
+def _pair_evaluation(truth: list[str], outputs: np.ndarray):
+    """Spearman of the pairs' cosine with their scores, and the binary view (``pairs.py``)."""
+    from pipelines.evaluation import evaluate_predictions
+
+    metrics, true, pred, conf = scores(truth, outputs)
+    names = ["dissimilar", "similar"]
+    onehot = np.array([[0.0, 1.0] if p == "similar" else [1.0, 0.0] for p in pred], np.float32)
+    ev = evaluate_predictions(true, onehot, names, names)
+    ev.metrics.update(metrics)
+    ev.confidences[:] = conf  # the pair's cosine mapped to [0, 1]
+    return ev
 
 
 def _hidden_size(folder: Path) -> int | None:

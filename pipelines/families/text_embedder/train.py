@@ -1,7 +1,8 @@
 """Contrastive fine-tuning of the embedder with in-batch negatives.
 
 Labelled texts: supervised contrastive loss (texts of the same label in a batch are each other's
-positives, every other text a negative), cosine similarities over a temperature. ``epochs`` (a
+positives, every other text a negative); pairs ``(a, b)``: symmetric InfoNCE (``pairs.py``);
+cosine similarities over a temperature. ``epochs`` (a
 hyperparameter, at most ``tuning.max_epochs``) sets how many epochs train; later epochs of the
 trial leave the model as it is, so ``epochs: 0`` evaluates the pre-trained encoder unchanged.
 """
@@ -13,7 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipelines.families.text_classifier_model import _autocast
 from pipelines.families.text_embedder.model import EmbedModel, forward, load_encoder
+from pipelines.families.text_embedder.pairs import info_nce
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def supcon_loss(z, labels, temperature: float):
 class ContrastiveTrainer:
     """One trial's fine-tune (the contract's ``Trainer``); CPU fp32 or CUDA autocast."""
 
-    def __init__(self, checkpoint: Path, params: dict[str, Any], texts: list[str],
+    def __init__(self, checkpoint: Path, params: dict[str, Any], texts: list[Any],
                  label_ids: list[int], max_length: int, normalize: bool, seed: int,
                  max_epochs: int) -> None:
         import torch
@@ -65,6 +68,7 @@ class ContrastiveTrainer:
         self.precision = precision_name(self.amp_dtype)
         self._parts = (encoder, tokenizer, str(p["pooling"]), normalize, max_length)
         self.texts, self.labels = list(texts), list(label_ids)
+        self.pairs = bool(self.texts) and isinstance(self.texts[0], tuple)  # (a, b) positives
         self.batch_size, self.temperature = int(p["batch_size"]), float(p["temperature"])
         self.epochs = max(0, min(int(p["epochs"]), max_epochs))
         self.done, self.last_loss = 0, 0.0
@@ -79,13 +83,24 @@ class ContrastiveTrainer:
     def model(self) -> EmbedModel:
         return self._model
 
+    def _loss(self, idx: list[int], enc):
+        """The batch's loss: supervised contrastive (labels), InfoNCE (pairs: a, b interleaved)."""
+        import torch
+
+        with _autocast(self.device, self.amp_dtype):
+            z = forward(self._model, dict(enc))
+        z = torch.nn.functional.normalize(z.float(), dim=-1)
+        if self.pairs:
+            return info_nce(z[0::2], z[1::2], self.temperature)
+        labels = torch.tensor([self.labels[i] for i in idx], device=self.device)
+        return supcon_loss(z, labels, self.temperature)
+
     def train_epoch(self, desc: str = "train") -> float:
         """One epoch of the contrastive loss; after ``epochs`` epochs, nothing (the last loss)."""
         if self.done >= self.epochs:
             return self.last_loss
         import torch
 
-        from pipelines.families.text_classifier_model import _autocast
         from pipelines.progress import progress
 
         encoder, tokenizer = self._parts[0], self._parts[1]
@@ -95,13 +110,10 @@ class ContrastiveTrainer:
         total, seen = 0.0, 0
         for idx in progress([b for b in batches if len(b) > 1], desc=desc, leave=False,
                             unit="batch"):
-            enc = tokenizer([self.texts[i] for i in idx], padding="longest", truncation=True,
+            batch = [t for i in idx for t in (self.texts[i] if self.pairs else (self.texts[i],))]
+            enc = tokenizer(batch, padding="longest", truncation=True,
                             max_length=self._parts[4], return_tensors="pt").to(self.device)
-            labels = torch.tensor([self.labels[i] for i in idx], device=self.device)
-            with _autocast(self.device, self.amp_dtype):
-                z = forward(self._model, dict(enc))
-            z = torch.nn.functional.normalize(z.float(), dim=-1)
-            loss = supcon_loss(z, labels, self.temperature)
+            loss = self._loss(idx, enc)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
             self.optimizer.step()

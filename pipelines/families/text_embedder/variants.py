@@ -20,19 +20,23 @@ from pipelines.families.text_embedder.model import EmbedModel, embed, forward
 
 
 class EmbedClf:
-    """A variant as compression measures it: ``predict_proba(texts)`` -> embeddings."""
+    """A variant as compression measures it: ``predict_proba(texts or pairs)`` -> embeddings
+    (a pair's two side by side)."""
 
     def __init__(self, runtime: str, fn) -> None:
         self.runtime, self._fn = runtime, fn
 
-    def predict_proba(self, texts: list[str]):
-        return self._fn(list(texts))
+    def predict_proba(self, inputs: list[Any]):
+        from pipelines.families.text_embedder.pairs import embed_pairs, is_pairs
+
+        items = list(inputs)
+        return embed_pairs(self._fn, items) if is_pairs(items) else self._fn(items)
 
 
 class EmbedCompressor:
     def __init__(self, cfg, data, model: EmbedModel, workdir: Path) -> None:
         self.cfg, self.model, self.dir = cfg, model, workdir
-        self.texts = data.train.text.tolist()
+        self.texts = data.train.text.tolist()  # int8 calibration (pairs: their first texts)
         workdir.mkdir(parents=True, exist_ok=True)
         self.threads = cfg.compression.threads or ox.cpu_cores()
         self._graphs: dict[str, Path] = {}
