@@ -71,10 +71,27 @@ def test_embed_in_order_float_and_base64(server):
     assert vecs.shape == (4, 384) and _cos(vecs, expected).min() >= 0.999
 
 
+def test_concurrent_requests_share_calls_and_stay_apart(server):
+    import concurrent.futures as cf
+
+    url, _, expected = server
+
+    def call(k):
+        idx = [(k + j) % len(TEXTS) for j in range(1 + k % 3)]
+        r = httpx.post(f"{url}/embed", json={"texts": [TEXTS[i] for i in idx]}, timeout=60)
+        return idx, r
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(24)))
+    for idx, r in results:
+        assert r.status_code == 200, r.text
+        assert _cos(r.json()["embeddings"], expected[idx]).min() >= 0.999
+
+
 def test_metadata_states_dim_pooling_and_variant(server):
     _, meta, _ = server
     assert (meta["dim"], meta["pooling"], meta["normalized"]) == (384, "mean", True)
-    assert (meta["variant"], meta["runtime"]) == ("onnx", "onnxruntime")
+    assert (meta["variant"], meta["runtime"], meta["batching"]) == ("onnx", "onnxruntime", True)
     assert (meta["model_name"], meta["model_version"], meta["alias"]) == (
         "embed-test", "1", "champion")
 

@@ -9,11 +9,13 @@ Endpoints:
 - ``POST /embed`` ``{"texts": [str, ...], "encoding": "float" | "base64"}`` ->
   ``{"embeddings": [[float, ...], ...], "dim": N, "normalized": bool, "encoding": ...}``, one
   vector per text in input order; ``"encoding": "base64"`` answers each vector as the base64 of
-  its little-endian float32 bytes (a quarter of the JSON size for large batches). The texts of a
-  request run in length-sorted forward passes (``forward_batch_size``). The limits and 4xx rules
-  are the text classifier's ``/classify``: 1..max_texts non-blank strings of at most max_chars
-  characters (400 naming the limit), a JSON body only (415; pickle refused on every route), 413
-  over the largest valid body, 408 for a body not received within ``body_timeout_s``.
+  its little-endian float32 bytes (a quarter of the JSON size for large batches). The texts of
+  concurrent requests are merged into model calls of up to ``max_batch_size`` texts
+  (``maas_batcher.py``), run in length-sorted forward passes (``forward_batch_size``). The
+  limits and 4xx rules are the text classifier's ``/classify``: 1..max_texts non-blank
+  strings of at most max_chars characters (400 naming the limit), a JSON body only (415; pickle
+  refused on every route), 413 over the largest valid body, 408 for a body not received within
+  ``body_timeout_s``. Unlike BentoML's adaptive batcher, no request is shed for latency (503).
 - ``GET /metadata``: lineage, variant, runtime, dim, pooling, normalisation, limits.
 - ``GET /card`` (``?format=json``): the version's model card.
 """
@@ -77,6 +79,8 @@ VARIANT: dict[str, Any] = CONFIG["variant"]
 RUNTIME_NAME = VARIANT.get("runtime") or "torch"
 runtimes = _sibling("maas_runtime")
 guard = _sibling("maas_guard")
+batching = _sibling("maas_batcher")
+MAX_BATCH_SIZE = int(SETTINGS["max_batch_size"])
 HAS_GPU = runtimes.text().has_gpu(RUNTIME_NAME)
 THREADS = int(SETTINGS.get("torch_threads") or runtimes.text().default_threads(WORKERS))
 #: the largest body a valid request can have (every character a 12-byte JSON escape)
@@ -221,7 +225,9 @@ class TextEmbedder:
             "max_texts": MAX_TEXTS, "max_chars": MAX_CHARS, "workers": WORKERS,
             "max_concurrency": int(SETTINGS["max_concurrency"]),
             "timeout": float(SETTINGS["timeout"]), "encodings": ["float", "base64"],
+            "max_batch_size": MAX_BATCH_SIZE, "batching": MAX_BATCH_SIZE > 1,
         }
+        self.batcher = batching.MicroBatcher(self.runtime.embed, MAX_BATCH_SIZE)
         _RUNTIME["metadata"] = self.info
         logger.info("serving %s (MLflow %s v%s) variant=%s runtime=%s dim=%s pooling=%s",
                     self.info["bento_model_tag"], self.info["model_name"],
@@ -229,9 +235,11 @@ class TextEmbedder:
                     self.info["dim"], self.info["pooling"])
 
     @bentoml.api(route="/embed")
-    def embed(self, texts: Texts, encoding: Literal["float", "base64"] = "float") -> Answer:
-        """Embed 1 to max_texts texts: one vector per text, in input order."""
-        vectors = self.runtime.embed(list(texts))
+    async def embed(self, texts: Texts,
+                    encoding: Literal["float", "base64"] = "float") -> Answer:
+        """Embed 1 to max_texts texts: one vector per text, in input order (the texts of
+        concurrent requests share model calls of up to max_batch_size texts)."""
+        vectors = await self.batcher.embed(list(texts))
         if encoding == "base64":
             rows: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                                for v in vectors]
