@@ -180,3 +180,17 @@ def test_scored_pairs_read_train_and_score_spearman(tmp_path):
     bad = PipelineConfig.from_dict(raw)
     with pytest.raises(DataError, match="row 5: the pair score 'high' is not a number"):
         load_data(bad.data, load_family(bad))
+
+
+def test_bad_pooling_fails_before_any_work():
+    from embed_support import pipeline_dict
+
+    from pipelines.config import PipelineConfig
+    from pipelines.families import load_family
+    from pipelines.families.base import FamilyError
+
+    raw = pipeline_dict()
+    raw["tuning"]["search_space"]["pooling"] = {"type": "categorical",
+                                                "choices": ["mean", "sum"]}
+    with pytest.raises(FamilyError, match="'sum': one of"):
+        load_family(PipelineConfig.from_dict(raw)).check()

@@ -122,10 +122,16 @@ class TextEmbedder(Family):
 
     def check(self) -> None:
         self.checkpoint  # noqa: B018 - raises CheckpointError before any work
-        bad = [p for p in ("pooling",) if p in self.cfg.tuning.fixed
-               and self.cfg.tuning.fixed[p] not in POOLINGS]
+        tuning = self.cfg.tuning
+        spec = tuning.search_space.get("pooling")
+        asked = [tuning.fixed["pooling"]] if "pooling" in tuning.fixed else []
+        asked += list(getattr(spec, "choices", None) or [])
+        if spec is not None and not hasattr(spec, "choices"):
+            raise FamilyError("tuning.search_space.pooling: a categorical of "
+                              f"{list(POOLINGS)}")
+        bad = [p for p in asked if p not in POOLINGS]
         if bad:
-            raise FamilyError(f"tuning.fixed.pooling: one of {list(POOLINGS)}")
+            raise FamilyError(f"tuning pooling {bad[0]!r}: one of {list(POOLINGS)}")
 
     def trainer(self, data, params: dict[str, Any], seed: int) -> ContrastiveTrainer:
         if self._index_rows is None:
