@@ -151,6 +151,7 @@ def _pair_file(path, n: int = 48, bad_row: int | None = None):
     return path
 
 
+@pytest.mark.slow  # a second encoder load + an epoch (9-15 s on 2 busy cores)
 def test_scored_pairs_read_train_and_score_spearman(tmp_path):
     from embed_support import pipeline_dict
 
