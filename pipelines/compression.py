@@ -92,7 +92,8 @@ def compress(cfg, data, model, family, evaluate: Callable[[Any], dict[str, float
                 n, error=f"the {type(family).__name__} family builds no variant {n!r} "
                          f"(it builds {list(family.variants)})"))
         outcome = measure_and_choose(cfg, data, variants, evaluate, comp.threads,
-                                     inputs=family.inputs(data.test))
+                                     inputs=family.inputs(data.test),
+                                     agreement=family.agreement, floors=family.variant_floors)
         for v in variants.values():
             _log_variant(v, outcome, comp, labels)
     return outcome
@@ -117,9 +118,13 @@ def builder(cfg, data, model, tokenizer, workdir: Path):
 
 def measure_and_choose(cfg, data, variants: dict[str, Variant],
                        evaluate: Callable[[Any], dict[str, float]], threads: int,
-                       inputs: list[Any] | None = None) -> Outcome:
+                       inputs: list[Any] | None = None,
+                       agreement: Callable[[Any, Any], dict[str, float]] | None = None,
+                       floors: dict[str, float] | None = None) -> Outcome:
     """Measure the built variants side by side on the test set (``inputs``: the family's inputs
-    of ``data.test``, looked up when None) and apply the variant gate."""
+    of ``data.test``, looked up when None) and apply the variant gate. ``agreement(outputs,
+    fp32_outputs)`` and ``floors``: the family's (``Family.agreement`` / ``variant_floors``;
+    None: a classifier's argmax agreement, no floor)."""
     from registry import choose_variant
 
     comp = cfg.compression
@@ -136,10 +141,11 @@ def measure_and_choose(cfg, data, variants: dict[str, Variant],
                        latency_samples=comp.latency_samples)
     ref = measured[REFERENCE].probs
     for n, v in ok.items():
-        v.figures = figures(measured[n], ref, evaluate(measured[n].probs))
+        v.figures = figures(measured[n], ref, evaluate(measured[n].probs),
+                            agreement(measured[n].probs, ref) if agreement else None)
         v.figures.update(size_mb=v.size_mb, params=v.params)
     choice = choose_variant({n: v.figures for n, v in ok.items()}, cfg.promotion.metric,
-                            comp.max_accuracy_drop)
+                            comp.max_accuracy_drop, floors=dict(floors or {}))
     return Outcome(variants, choice, cfg.promotion.metric, comp.max_accuracy_drop)
 
 

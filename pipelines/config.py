@@ -339,6 +339,18 @@ class PrivacyConfig(_Frozen):
                             "and IBANs masked; none: no data text at all (placeholders)")
 
 
+def _metric_names(family: str) -> tuple[str, ...]:
+    """The metrics a pipeline of ``family`` may tune and gate on (``Family.metric_names``); an
+    unknown family is reported when it is loaded, naming it."""
+    from pipelines.evaluation import METRICS
+    from pipelines.families import family_class
+
+    try:
+        return tuple(family_class(family).metric_names)
+    except ValueError:
+        return METRICS
+
+
 class PipelineConfig(_Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -359,13 +371,13 @@ class PipelineConfig(_Frozen):
 
     @model_validator(mode="after")
     def _metric_known(self) -> "PipelineConfig":
-        from pipelines.evaluation import METRICS
+        known = _metric_names(self.model.family)
 
         for where, m in [("metric", self.metric), ("promotion.metric", self.promotion.metric)]:
-            if m not in METRICS:
-                raise ValueError(f"{where}: unknown metric {m!r}; known: {sorted(METRICS)}")
+            if m not in known:
+                raise ValueError(f"{where}: unknown metric {m!r}; known: {sorted(known)}")
         for m in self.promotion.thresholds:
-            if m not in METRICS:
+            if m not in known:
                 raise ValueError(f"promotion.thresholds: unknown metric {m!r}")
         return self
 

@@ -135,17 +135,21 @@ def _p50_single(clf: Classifier, singles: list[str]) -> float:
     return statistics.median(times)
 
 
-def figures(m: Measured, reference: np.ndarray, metrics: dict[str, float]) -> dict[str, Any]:
-    """The speed and quality figures of one variant (``reference``: fp32 probabilities)."""
-    agree = float(np.mean(m.probs.argmax(1) == reference.argmax(1)))
+def figures(m: Measured, reference: np.ndarray, metrics: dict[str, float],
+            agreement: dict[str, float] | None = None) -> dict[str, Any]:
+    """The speed and quality figures of one variant (``reference``: fp32 outputs; ``agreement``:
+    the family's agreement figures, None: a classifier's, computed here)."""
+    if agreement is None:
+        agreement = {"agreement_with_fp32": float(np.mean(m.probs.argmax(1)
+                                                           == reference.argmax(1))),
+                     "max_abs_prob_diff_vs_fp32": float(np.abs(m.probs - reference).max())}
     return {
         "texts_per_s": statistics.median(m.texts_per_s),
         "texts_per_s_rounds": [round(v, 2) for v in m.texts_per_s],
         "p50_ms_b1": m.p50_ms_b1,
         "forward_batch_size": m.forward,
         "texts_per_s_by_forward": {str(k): round(v, 2) for k, v in m.probe.items()},
-        "agreement_with_fp32": agree,
-        "max_abs_prob_diff_vs_fp32": float(np.abs(m.probs - reference).max()),
+        **agreement,
         "machine": describe_machine(),  # the CPU these figures hold for (bentos.machine)
         **metrics,
     }

@@ -10,7 +10,8 @@ Its layout (schema :data:`SCHEMA`)::
     data      {fingerprint, files: [{role, path, sha256, rows}], splits: {split: rows},
                labels: [..], label_distribution: {split: {label: n}},
                suite: {name, version, success, expectations, failed: [..]}, data_docs}
-    base_checkpoint  {spec, package, package_version, architecture, weights_sha256, max_length}
+    base_checkpoint  {spec, package, package_version, architecture, weights_sha256, max_length,
+                      details: {fact: value} (a family's own, e.g. the embedder's pooling, dim)}
     study     {name, metric, direction, states: {COMPLETE: n, ...}, best_trial, best_value,
                best_params, trials: [{number, state, value, params}]}
     evaluation {metrics: {..}, per_class: {label: {precision, recall, f1, support}},
@@ -166,6 +167,8 @@ def _checkpoint(facts: dict[str, Any], detail: int) -> list[str]:
                        ("weights_sha256", "Weights sha256")):
         if c.get(key) not in (None, ""):
             lines.append(f"- {label}: `{c[key]}`")
+    for key, value in (c.get("details") or {}).items():  # a family's own facts (e.g. pooling)
+        lines.append(f"- {key}: `{value}`")
     return lines
 
 

@@ -163,13 +163,17 @@ def choose_variant(
     max_drop: float,
     speed: str = "texts_per_s",
     reference: str = REFERENCE_VARIANT,
+    floors: Mapping[str, float] | None = None,
 ) -> VariantChoice:
     """Pick the variant to serve (pure). ``rows`` maps variant name -> its figures (``metric``
     and ``speed``, higher is better for both).
 
     A variant is within budget iff its ``metric`` is known and
     ``rows[reference][metric] - rows[v][metric] <= max_drop`` (1e-12 tolerance); the reference
-    always is. Among those with a known, positive ``speed``, the fastest wins; ties go to the
+    always is. ``floors`` (figure -> minimum) adds agreement checks: a variant other than the
+    reference must also have each such figure known and ``>= minimum`` (1e-12 tolerance; e.g.
+    the text embedder's ``mean_cosine_vs_fp32 >= 0.99``). Among those with a known, positive
+    ``speed``, the fastest wins; ties go to the
     reference, then to the name that sorts first. A missing reference, or a reference without
     ``metric``, is an error: nothing can be judged against it.
     """
@@ -181,7 +185,10 @@ def choose_variant(
     if max_drop < 0:
         raise ValueError(f"max_drop must be >= 0, got {max_drop}")
     drops = {n: ref - _as_float(r.get(metric)) for n, r in rows.items()}
-    within = {n: (n == reference) or (not math.isnan(d) and d <= max_drop + _FLOAT_TOL)
+    low = {n: [f"{k} {_as_float(r.get(k)):.4f} < {v:g}" for k, v in (floors or {}).items()
+               if not _as_float(r.get(k)) >= v - _FLOAT_TOL] for n, r in rows.items()}
+    within = {n: (n == reference) or (not math.isnan(d) and d <= max_drop + _FLOAT_TOL
+                                      and not low[n])
               for n, d in drops.items()}
     speeds = {n: _as_float(r.get(speed)) for n, r in rows.items()}
     ranked = sorted((n for n in rows if within[n] and speeds[n] > 0),
@@ -194,7 +201,8 @@ def choose_variant(
               f"({speeds[chosen]:.1f} {speed}, {speedup:.2f}x {reference}; {metric} "
               f"{_as_float(rows[chosen].get(metric)):.4f} vs {ref:.4f})")
     if over:
-        reason += "; over budget: " + ", ".join(f"{n} (drop {drops[n]:+.4f})" for n in over)
+        reason += "; over budget: " + ", ".join(
+            f"{n} (drop {drops[n]:+.4f}" + "".join(f", {x}" for x in low[n]) + ")" for n in over)
     return VariantChoice(chosen=chosen, reason=reason, metric=metric, max_drop=float(max_drop),
                          reference_value=ref, speedup=speedup, drop=drops[chosen],
                          within_budget=within, drops=drops)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, str] = {
     "text_classifier": "pipelines.families.text_classifier:TextClassifier",
     "image_classifier": "pipelines.families.image_classifier:ImageClassifier",
+    "text_embedder": "pipelines.families.text_embedder:TextEmbedder",
 }
 
 

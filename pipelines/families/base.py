@@ -12,6 +12,15 @@ Vocabulary: *rows* is a ``pandas.DataFrame`` with the family's :attr:`~Family.co
 ``label`` (label values as read: str or int); *inputs* is what the model consumes for those rows,
 ``self.inputs(rows)`` (a list: texts, image arrays, feature vectors); *model* is the family's
 fitted-model object, opaque to the pipeline (it only passes it back to the family).
+
+*Outputs* are what :meth:`Family.predict_proba` returns: one float row per input. For a classifier
+they are softmax probabilities; another family defines its own (the text embedder's are embedding
+vectors) and then also defines what reads them: :meth:`Family.metrics` (the scores, under the
+names in :attr:`Family.metric_names`) and :meth:`Family.agreement` (how close a compression
+variant's outputs are to fp32's, with :attr:`Family.variant_floors` as the servable minimum).
+Every metric is higher-is-better; the ``Evaluation`` a family returns always carries
+``accuracy``, ``f1_macro``, ``precision_macro`` and ``recall_macro`` (the registry's tags, the
+run summary) plus per-row predicted labels and confidences (drift, examples, confusion matrix).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
+
+from pipelines.evaluation import METRICS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,7 +72,8 @@ class Classifier(Protocol):
     runtime: str      # a key of bentos.runtimes.RUNTIMES ("torch", "onnxruntime")
 
     def predict_proba(self, inputs: list[Any]) -> np.ndarray:
-        """Softmax probabilities, one row per input, columns in the model's label order."""
+        """The family's outputs, one row per input (a classifier's: softmax probabilities,
+        columns in the model's label order)."""
 
 
 @dataclass
@@ -118,6 +130,13 @@ class Family(ABC):
     #: schemas of the pipeline file's `model.options:` / `data.options:` for this family
     ModelOptions: ClassVar[type[BaseModel]] = NoOptions
     DataOptions: ClassVar[type[BaseModel]] = NoOptions
+    #: the scores :meth:`metrics` returns that ``metric``, ``promotion.metric`` and
+    #: ``promotion.thresholds`` may name (checked at config load; all higher-is-better)
+    metric_names: ClassVar[tuple[str, ...]] = METRICS
+    #: minimums of :meth:`agreement` figures a compression variant must reach to be servable, on
+    #: top of the ``compression.max_accuracy_drop`` budget on ``promotion.metric`` (none: the
+    #: budget alone decides, as for the classifiers)
+    variant_floors: ClassVar[Mapping[str, float]] = {}
 
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
@@ -161,6 +180,12 @@ class Family(ABC):
         None: the family's synthetic placeholder."""
         return None
 
+    def use_data(self, data: Dataset) -> None:
+        """The run's split, handed over once it exists (before any training or scoring): a family
+        whose scores need more than the scored rows keeps what it needs (the text embedder: the
+        training split, its retrieval index). Default: nothing."""
+        return None
+
     # -- model --------------------------------------------------------------------------------
     def check(self) -> None:
         """Fail before any work (missing checkpoint file, bad option) with a FamilyError.
@@ -175,12 +200,14 @@ class Family(ABC):
 
     @abstractmethod
     def predict_proba(self, model: Any, inputs: list[Any], desc: str | None = None) -> np.ndarray:
-        """Softmax probabilities, one row per input, columns in :meth:`labels` order. ``desc``:
-        a progress-bar label (None: no bar)."""
+        """The model's outputs, one row per input: a classifier's softmax probabilities, columns
+        in :meth:`labels` order (another family: its own rows, see the module docstring).
+        ``desc``: a progress-bar label (None: no bar)."""
 
     @abstractmethod
     def labels(self, model: Any) -> list[str]:
-        """The model's class names in probability-column order."""
+        """The names of the output columns in order: a classifier's class names (recorded as the
+        logged model's ``metadata.labels``)."""
 
     def metrics(self, truth: list[str], probs: np.ndarray, model: Any,
                 labels: list[str]) -> Evaluation:
@@ -189,6 +216,16 @@ class Family(ABC):
         from pipelines.evaluation import evaluate_predictions
 
         return evaluate_predictions(truth, probs, self.labels(model), labels)
+
+    def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        """How close a compression variant's test-set outputs are to fp32's (``reference``):
+        figures logged with the variant, ``agreement_with_fp32`` among them (the variant table's
+        column), checked against :attr:`variant_floors`. Default: the share of equal argmax
+        (same predicted class) and the largest probability difference."""
+        import numpy as np
+
+        return {"agreement_with_fp32": float(np.mean(outputs.argmax(1) == reference.argmax(1))),
+                "max_abs_prob_diff_vs_fp32": float(np.abs(outputs - reference).max())}
 
     # -- MLflow -------------------------------------------------------------------------------
     @abstractmethod
