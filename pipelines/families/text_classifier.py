@@ -18,6 +18,7 @@ from typing import Any
 
 from pipelines.families.base import Family
 from pipelines.families.text_classifier_init import init_settings
+from pipelines.families.text_classifier_own import OwnText
 from pipelines.families.text_classifier_model import (  # noqa: F401 - the module's old surface
     HYPERPARAMETERS,
     CheckpointError,
@@ -62,7 +63,8 @@ class _EpochTrainer:
 
 
 class TextClassifier(Family):
-    """Fine-tunes ``model.checkpoint`` (a folder or ``package:<module>``) on labelled texts."""
+    """Fine-tunes ``model.checkpoint`` (a folder or ``package:<module>``) on labelled texts, or
+    trains the user's own module (``model.module``) from scratch."""
 
     input_kind = "text"
     columns = ("text",)
@@ -71,6 +73,11 @@ class TextClassifier(Family):
     runtime = "torch"
     variants = ("onnx", "onnx-int8", "pruned", "pruned+onnx", "pruned+onnx-int8")
     init_settings = staticmethod(init_settings)  # `maas init`: text_classifier_init.py
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        # `model.module`: the user's own nn.Module, trained from scratch (text_classifier_own.py)
+        self.own = OwnText(cfg) if cfg.model.module else None
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, path: Path, role: str):
@@ -107,40 +114,60 @@ class TextClassifier(Family):
         return resolve_checkpoint(self.cfg.model.checkpoint)
 
     def check(self) -> None:
+        if self.own:
+            return self.own.check()
         self.checkpoint  # noqa: B018 - raises CheckpointError before any work
 
-    def trainer(self, data, params: dict[str, Any], seed: int) -> _EpochTrainer:
+    def trainer(self, data, params: dict[str, Any], seed: int):
+        if self.own:
+            return self.own.trainer(data, params, seed)
         return _EpochTrainer(Trainer(
             self.checkpoint, data.id2label, params, self.inputs(data.train), data.ids(data.train),
             self.cfg.model.max_length, seed=seed, epochs=self.cfg.tuning.max_epochs))
 
     def predict_proba(self, model: TextModel, inputs: list[str], desc: str | None = None):
+        if self.own:
+            return self.own.predict_proba(model, inputs)
         return predict_proba(model.model, model.tokenizer, inputs, self.cfg.model.max_length,
                              self.cfg.model.eval_batch_size, desc=desc)
 
     def labels(self, model: TextModel) -> list[str]:
+        if self.own:
+            return model.labels
         return labels_of(model.model)
 
     # -- MLflow -------------------------------------------------------------------------------
     def save(self, model: TextModel, folder: Path) -> None:
+        if self.own:
+            return self.own.save(model, folder)
         save(model.model, model.tokenizer, folder)
 
     def load(self, folder: Path) -> TextModel:
+        if self.own:
+            return self.own.load(folder)
         return TextModel(*load(folder))
 
     def log_model(self, model: TextModel, name: str, input_example: Any | None = None):
+        if self.own:
+            return self.own.log_model(model, name, input_example)
         return log_model(model.model, model.tokenizer, name, input_example)
 
     def load_logged(self, model_uri: str) -> TextModel:
+        if self.own:
+            return self.own.load_logged(model_uri)
         return TextModel(*load_logged(model_uri))
 
     # -- compression and card -----------------------------------------------------------------
     def compressor(self, model: TextModel, data, workdir: Path):
+        if self.own:
+            return self.own.compressor(model, workdir)
         from pipelines.families.text_classifier_variants import TextCompressor
 
         return TextCompressor(self.cfg, data, model.model, model.tokenizer, workdir)
 
     def card_facts(self) -> dict[str, Any]:
+        if self.own:
+            return self.own.card_facts()
         from pipelines.card_facts import sha256_file
 
         spec = self.cfg.model.checkpoint
