@@ -31,8 +31,9 @@ class OwnTorch:
         return om.predict_proba(self.model, inputs, batch_size=max(1, len(inputs)))
 
 
-def export_text(model: om.OwnModel, path: Path) -> Path:
-    """The classifier as a single-file ONNX graph (batch and sequence axes dynamic)."""
+def export_text(model: om.OwnModel, path: Path, dynamo: bool = True) -> Path:
+    """The classifier as a single-file ONNX graph, batch and sequence axes dynamic: through
+    ``torch.export`` (``dynamo``; symbolic shapes) or the TorchScript tracer."""
     import copy
 
     import torch
@@ -41,15 +42,39 @@ def export_text(model: om.OwnModel, path: Path) -> Path:
     enc = model.encoder()
     ids, mask = enc.pad(enc.ids(["an example", "another, longer example text here"]))
     names = ["input_ids", "attention_mask"]
-    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    if dynamo:
+        dims = {0: torch.export.Dim("batch"),
+                1: torch.export.Dim("sequence", max=int(model.meta["max_length"]))}
+        kwargs: dict[str, Any] = {"dynamo": True, "dynamic_shapes": (dims, dims)}
+    else:
+        axes = {n: {0: "batch", 1: "sequence"} for n in names}
+        kwargs = {"dynamo": False, "dynamic_axes": {**axes, "logits": {0: "batch"}}}
     # traced with gradients on: torch's fused inference kernels (the TransformerEncoder fast
     # path, aten::_transformer_encoder_layer_fwd) have no ONNX export and are not taken then
-    with warnings.catch_warnings(), torch.enable_grad():
+    with warnings.catch_warnings(), torch.enable_grad(), ox._quiet():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (ids, mask), str(path), input_names=names,
-                          output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+                          output_names=["logits"], opset_version=17, **kwargs)
+    if dynamo:  # torch.export writes the weights beside the graph: one file, as served
+        import onnx
+
+        onnx.save(onnx.load(str(path)), str(path), save_as_external_data=False)
+        for extra in path.parent.glob(path.name + ".data"):
+            extra.unlink()
     return path
+
+
+def export_verified(model: om.OwnModel, path: Path) -> Path:
+    """The first export (torch.export, then the tracer) that :func:`verified` accepts; else
+    ValueError with each exporter's reason."""
+    reasons = []
+    for dynamo in (True, False):
+        try:
+            return verified(model, export_text(model, path, dynamo))
+        except Exception as exc:  # noqa: BLE001 - exporters raise many types
+            reasons.append(f"{'torch.export' if dynamo else 'tracer'}: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    raise ValueError("no ONNX export of this module: " + "; ".join(reasons))
 
 
 class OwnCompressor:
@@ -67,9 +92,10 @@ class OwnCompressor:
             return BuiltVariant(name, "torch", OwnTorch(self.model), params, params * 4 / 1e6,
                                 artifact=self.model)
         if self.model.meta["kind"] != "text" or name not in ONNX_VARIANTS:
-            raise ValueError(f"variant {name!r} is not built for own {self.model.meta['kind']} "
-                             f"modules (they get: fp32"
-                             f"{', ' + ', '.join(ONNX_VARIANTS) if self.model.meta['kind'] == 'text' else ''})")
+            kind = self.model.meta["kind"]
+            built = ["fp32", *ONNX_VARIANTS] if kind == "text" else ["fp32"]
+            raise ValueError(f"variant {name!r} is not built for own {kind} modules (built: "
+                             f"{', '.join(built)})")
         path = self._graph()
         settings: dict[str, Any] = {}
         if name == "onnx-int8":
@@ -85,7 +111,7 @@ class OwnCompressor:
 
     def _graph(self) -> Path:
         if self._onnx is None:
-            self._onnx = export_text(self.model, self.dir / "onnx.onnx")
+            self._onnx = export_verified(self.model, self.dir / "onnx.onnx")
         return self._onnx
 
     def log(self, variant: BuiltVariant, labels: list[str]) -> str:
@@ -97,3 +123,29 @@ class OwnCompressor:
         from pipelines.families.own_tracking import log_model
 
         return log_model(variant.artifact, "model").model_uri
+
+
+#: texts of other batch sizes and lengths than the export's example: a graph that baked a shape
+#: in (a traced Python int) fails or differs on them
+CHECK_TEXTS = ("one", "a somewhat longer text than the others , to vary the sequence length",
+               "three words here", "and a fourth one")
+
+
+def verified(model: om.OwnModel, path: Path, tol: float = 1e-3) -> Path:
+    """``path`` if ONNX Runtime gives the torch model's probabilities on :data:`CHECK_TEXTS`
+    (another batch size and sequence length than the export's); else ValueError saying why
+    (the variant is then skipped and the torch model served)."""
+    clf = ox.OrtClassifier(path, model.tokenizer, model.meta["max_length"], 1)
+    texts = list(CHECK_TEXTS)
+    try:
+        got = clf.predict_proba(texts)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error types
+        raise ValueError(f"the exported ONNX graph does not run on other batch sizes / lengths "
+                         f"(the module's forward bakes a shape in while traced): "
+                         f"{str(exc).splitlines()[0][:300]}") from None
+    want = om.predict_proba(model, texts)
+    diff = float(np.abs(got - want).max())
+    if diff > tol:
+        raise ValueError(f"the exported ONNX graph differs from torch by {diff:.2g} (> {tol}) "
+                         "on other batch sizes / lengths: not served")
+    return path

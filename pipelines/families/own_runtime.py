@@ -7,9 +7,9 @@ user's folder. The user's source is loaded by path too (``importlib``, under a m
 from its sha256); nothing is added to ``sys.path`` and nothing is unpickled.
 
 A saved model is a folder: ``model.safetensors`` (the :class:`Classifier`'s state dict),
-``maas_module.json`` (:data:`META_FILE`: class name, constructor kwargs, forward mode, head, labels,
-input facts, the source's sha256), the user's source as ``maas_user_module.py`` and, for text,
-the tokenizer (``tokenizer.json``).
+``maas_module.json`` (:data:`META_FILE`: class name, constructor kwargs, forward mode, head,
+labels, input facts, the source's sha256), the user's source as ``maas_user_module.py`` and,
+for text, the tokenizer (``tokenizer.json``).
 """
 
 from __future__ import annotations

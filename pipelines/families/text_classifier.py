@@ -18,7 +18,6 @@ from typing import Any
 
 from pipelines.families.base import Family
 from pipelines.families.text_classifier_init import init_settings
-from pipelines.families.text_classifier_own import OwnText
 from pipelines.families.text_classifier_model import (  # noqa: F401 - the module's old surface
     HYPERPARAMETERS,
     CheckpointError,
@@ -37,6 +36,7 @@ from pipelines.families.text_classifier_model import (  # noqa: F401 - the modul
     save,
     serving_requirements,
 )
+from pipelines.families.text_classifier_own import OwnText
 
 
 @dataclass(frozen=True)

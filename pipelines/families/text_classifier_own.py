@@ -1,6 +1,7 @@
 """The text family with ``model.module``: the user's own PyTorch module trained from scratch on
 token ids from a tokenizer trained on the training split (``own_tokenizer.py``; type and
-vocabulary size from ``model.tokenizer``, tunable as ``tokenizer.type`` / ``tokenizer.vocab_size``).
+vocabulary size from ``model.tokenizer``, tunable as ``tokenizer.type`` /
+``tokenizer.vocab_size``).
 The constructor gets ``vocab_size``, ``num_labels``, ``max_length`` and ``pad_token_id`` where it
 takes them by name; ``forward(input_ids, attention_mask)`` or ``forward(input_ids)``. The contract
 and everything after training are the shared own-module code (``user_module.py``,
