@@ -271,3 +271,49 @@ def test_bentoml_serve_answers_classify(trained_own):
     assert len(body) == 2 and all(set(a["probabilities"]) == {"negative", "positive"}
                                   for a in body)
     assert meta["variant"] == result["variant"]
+
+
+# -- images: the same contract, forward(x); the pyfunc and the image bento's runtime ----------
+def test_own_image_module_trains_logs_and_loads_in_a_fresh_process(tmp_path):
+    import mlflow
+    import numpy as np
+    from image_support import DIGITS, FAMILY, copy_digits, pipeline_cfg
+
+    from bentos.image_classifier import maas_runtime
+    from pipelines.data import load_data, split_data
+    from pipelines.families import load_family
+
+    (tmp_path / "conv.py").write_text(CONV, "utf-8")
+    data_dir = copy_digits(tmp_path / "digits", per_class=10)
+    cfg = pipeline_cfg(data_dir, copy_digits(tmp_path / "test", "test", per_class=3),
+                       data_options={"image_size": 8, "channels": 1},
+                       model={"family": FAMILY, "module": f"{tmp_path / 'conv.py'}:Conv"})
+    family = load_family(cfg)
+    family.check()
+    data = split_data(load_data(cfg.data, family), cfg.data)
+    trainer = family.trainer(data, {"learning_rate": 3e-3, "batch_size": 8}, seed=0)
+    assert trainer.model.meta["init"] == {"in_channels": 1, "num_labels": 3, "image_size": 8}
+    assert np.isfinite(trainer.train_epoch())
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        uri = family.log_model(trainer.model, "model").model_uri
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                     dst_path=str(tmp_path / "dl")))
+    x = np.stack(family.inputs(data.test))
+    want = family.predict_proba(trainer.model, list(x))
+    served = maas_runtime.load_runtime(local, None, {}, threads=1)
+    assert np.allclose(served.probabilities(x), want, atol=1e-5)
+    assert maas_runtime.read_meta(local)["channels"] == 1
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, json, numpy as np, mlflow; sys.modules['pipelines'] = None; "
+            f"m = mlflow.pyfunc.load_model({str(local)!r}); "
+            f"print(json.dumps(m.predict(np.load({str(tmp_path / 'x.npy')!r})).iloc[:, 1:]"
+            ".values.tolist()))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    (tmp_path / "conv.py").unlink()  # the source travels with the model
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert np.allclose(got, want, atol=1e-5)
+    assert DIGITS.is_dir()

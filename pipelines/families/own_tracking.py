@@ -40,6 +40,14 @@ def _example(model: om.OwnModel, input_example: Any | None) -> Any:
     return np.full((1, c, s, s), 0.5, dtype=np.float32)
 
 
+def image_meta(model: om.OwnModel) -> dict[str, Any]:
+    """The image service's ``maas_variant.json`` of an own image module (torch, fp32)."""
+    m = model.meta
+    return {"variant": "fp32", "runtime": "torch", "dtype": "float32", "labels": model.labels,
+            "channels": int(m["in_channels"]), "image_size": int(m["image_size"]),
+            "arch": f"module:{m['class']}", "input_names": ["images"], "output_name": "logits"}
+
+
 def log_model(model: om.OwnModel, name: str, input_example: Any | None = None) -> Any:
     """The model as a pyfunc (see the module docstring); MLflow's ``ModelInfo``."""
     import mlflow
@@ -59,6 +67,8 @@ def log_model(model: om.OwnModel, name: str, input_example: Any | None = None) -
         (code / rt.MODULE_FILE).write_bytes(model.source)
         shutil.copyfile(RUNTIME_CODE, code / "maas_own_runtime.py")
         (folder / rt.MODULE_FILE).unlink()  # the source travels once, in code/
+        if model.meta["kind"] == "image":  # what the image service reads (maas_runtime.py)
+            (folder / "maas_variant.json").write_text(json.dumps(image_meta(model)), "utf-8")
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(PYFUNC_CODE), artifacts={"model": str(folder)},
             code_paths=[str(code / rt.MODULE_FILE), str(code / "maas_own_runtime.py")],
