@@ -79,13 +79,14 @@ class OwnTrainer:
     precision = "fp32"
 
     def __init__(self, model: OwnModel, encode: Callable[[list[int]], Batch],
-                 label_ids: list[int], params: dict[str, Any], seed: int, epochs: int) -> None:
+                 label_ids: list[int], params: dict[str, Any], seed: int, epochs: int,
+                 lengths: list[int] | None = None) -> None:
         import torch
 
         from pipelines.families.text_classifier_model import adamw
 
         p = {**HYPERPARAMETERS, **params}
-        self.model, self.encode = model, encode
+        self.model, self.encode, self.lengths = model, encode, lengths
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.net.to(self.device)
         self.y = torch.tensor(label_ids, dtype=torch.long)
@@ -106,8 +107,7 @@ class OwnTrainer:
 
         self.epoch += 1
         net = self.model.net.train()
-        order = torch.randperm(len(self.y), generator=self.generator).tolist()
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = self._batches()
         total, seen = 0.0, 0
         for n, idx in enumerate(progress(batches, desc=desc, leave=False, unit="batch")):
             loss = self._loss(net, idx, n)
@@ -120,6 +120,20 @@ class OwnTrainer:
             seen += len(idx)
         net.eval()
         return total / max(seen, 1)
+
+    def _batches(self) -> list[list[int]]:
+        """Shuffled batches; with ``lengths`` (texts), each window of 50 batches is sorted by
+        length first so that a batch pads little (then the batches are shuffled)."""
+        import torch
+
+        order = torch.randperm(len(self.y), generator=self.generator).tolist()
+        if self.lengths is not None:
+            window = self.batch_size * 50
+            order = [i for w in range(0, len(order), window)
+                     for i in sorted(order[w:w + window], key=self.lengths.__getitem__)]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
+        return [batches[i] for i in shuffled]
 
     def _loss(self, net: Any, idx: list[int], n: int) -> Any:
         import torch

@@ -64,7 +64,7 @@ class OwnText:
                         enc.pad([rows[i] for i in first]),
                         torch.tensor([ids[i] for i in first]), seed, tok)
         return om.OwnTrainer(model, lambda idx: enc.pad([rows[i] for i in idx]), ids, params,
-                             seed, self.cfg.tuning.max_epochs)
+                             seed, self.cfg.tuning.max_epochs, lengths=[len(r) for r in rows])
 
     def predict_proba(self, model: Any, inputs: list[str]) -> Any:
         from pipelines.families import own_model as om
