@@ -76,7 +76,7 @@ BAD_CASES = [
      ["returned shape (32, 5)", "num_labels=2", "logits [32, 2]"]),
     ("nan_loss", BAD["nan_loss"], "Nan", 2, ["loss on one training batch is nan"]),
     ("forward_raises", BAD["forward_raises"], "Boom", 2,
-     ["forward on one training batch", "RuntimeError: kaboom in forward", "line 10"]),
+     ["forward on one training batch", "RuntimeError: kaboom in forward", "user_model.py line 11"]),
 ]
 
 
@@ -295,7 +295,8 @@ def test_own_image_module_trains_logs_and_loads_in_a_fresh_process(tmp_path):
     assert trainer.model.meta["init"] == {"in_channels": 1, "num_labels": 3, "image_size": 8}
     assert np.isfinite(trainer.train_epoch())
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
+    experiment = mlflow.set_experiment("own-image")
+    with mlflow.start_run(experiment_id=experiment.experiment_id):
         uri = family.log_model(trainer.model, "model").model_uri
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
                                                      dst_path=str(tmp_path / "dl")))
