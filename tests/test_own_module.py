@@ -76,7 +76,8 @@ BAD_CASES = [
      ["returned shape (32, 5)", "num_labels=2", "logits [32, 2]"]),
     ("nan_loss", BAD["nan_loss"], "Nan", 2, ["loss on one training batch is nan"]),
     ("forward_raises", BAD["forward_raises"], "Boom", 2,
-     ["forward on one training batch", "RuntimeError: kaboom in forward", "user_model.py line 11"]),
+     ["forward on one training batch", "RuntimeError: kaboom in forward",
+      "user_model.py line 11"]),
 ]
 
 
@@ -229,7 +230,7 @@ print(json.dumps(out.to_dict(orient="records")))
 @pytest.mark.slow
 def test_fresh_process_loads_the_pyfunc_from_another_folder(trained_own, tmp_path):
     out, result = trained_own
-    assert result["champion"] == "1"
+    assert str(result["champion"]) == "1"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
     proc = subprocess.run([sys.executable, "-c", FRESH], cwd=tmp_path, env=env,
@@ -254,23 +255,34 @@ def test_lineage_and_card_carry_the_module_sha256(trained_own):
 
 
 @pytest.mark.slow
-def test_bentoml_serve_answers_classify(trained_own):
+def test_bentoml_serve_answers_classify(trained_own, monkeypatch):
+    """The bento the run built (the chosen variant) and one of the fp32 torch model (the user's
+    module run by maas_own_runtime.py inside the bento) answer /classify alike."""
     import httpx
 
+    from bentos import BentoSettings, build_bento
     from bentos.server import serve_bento
 
     out, result = trained_own
     assert result["bento_tag"], result
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    monkeypatch.setenv("BENTOML_HOME", str(out / "bentoml"))
+    fp32 = build_bento("models:/own-test@champion",
+                       settings=BentoSettings(variant="fp32", workers=1, torch_threads=1))
     texts = ["a gorgeous , witty , seductive movie .", "a dull , lifeless mess ."]
-    with serve_bento(result["bento_tag"], bentoml_home=out / "bentoml",
-                     log_path=out / "server.log") as running:
-        answer = httpx.post(f"{running.url}/classify", json={"texts": texts}, timeout=30)
-        meta = httpx.get(f"{running.url}/metadata", timeout=10).json()
-    assert answer.status_code == 200, answer.text
-    body = answer.json()
-    assert len(body) == 2 and all(set(a["probabilities"]) == {"negative", "positive"}
-                                  for a in body)
-    assert meta["variant"] == result["variant"]
+    answers = {}
+    for tag, variant in ((result["bento_tag"], result["variant"]), (fp32.bento_tag, "fp32")):
+        with serve_bento(tag, bentoml_home=out / "bentoml",
+                         log_path=out / f"server-{variant}.log") as running:
+            answer = httpx.post(f"{running.url}/classify", json={"texts": texts}, timeout=30)
+            meta = httpx.get(f"{running.url}/metadata", timeout=10).json()
+        assert answer.status_code == 200, answer.text
+        assert meta["variant"] == variant
+        answers[variant] = answer.json()
+    assert answers["fp32"][0]["probabilities"].keys() == {"negative", "positive"}
+    chosen = answers[result["variant"]]
+    assert [a["label"] for a in answers["fp32"]] == [a["label"] for a in chosen]
+    assert meta["module"] == "TinyTransformer" and meta["module_sha256"] == result["sha256"]
 
 
 # -- images: the same contract, forward(x); the pyfunc and the image bento's runtime ----------
