@@ -39,7 +39,7 @@ def export_text(model: om.OwnModel, path: Path, dynamo: bool = True) -> Path:
     import torch
 
     net = copy.deepcopy(model.net).to("cpu").float().eval()
-    enc = model.encoder()
+    enc = model.encoder
     ids, mask = enc.pad(enc.ids(["an example", "another, longer example text here"]))
     names = ["input_ids", "attention_mask"]
     if dynamo:

@@ -5,6 +5,7 @@ encoder and its ``kind``; ``own_runtime.py`` is the part that travels with the m
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -38,8 +39,9 @@ class OwnModel:
     def labels(self) -> list[str]:
         return [str(x) for x in self.meta["labels"]]
 
+    @functools.cached_property
     def encoder(self) -> rt.TextEncoder | None:
-        """A fresh ``TextEncoder`` over a copy of the tokenizer (None for images)."""
+        """A ``TextEncoder`` over a copy of the tokenizer, made once (None for images)."""
         if self.tokenizer is None:
             return None
         from tokenizers import Tokenizer
@@ -157,7 +159,7 @@ class OwnTrainer:
 
 def predict_proba(model: OwnModel, inputs: list[Any], batch_size: int = 64) -> Any:
     model.net.eval()
-    return rt.predict(model.net, model.encoder(), inputs, batch_size)
+    return rt.predict(model.net, model.encoder, inputs, batch_size)
 
 
 def save(model: OwnModel, folder: Path) -> None:

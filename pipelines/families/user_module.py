@@ -15,12 +15,15 @@ and the mismatch.
 from __future__ import annotations
 
 import inspect
+import logging
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.families.base import FamilyError
+
+log = logging.getLogger(__name__)
 
 #: what the data decides, per kind: passed to the constructor's parameters of these names
 FACTS: dict[str, tuple[str, ...]] = {
@@ -169,7 +172,22 @@ def check_config(cfg: Any, kind: str) -> ModuleSpec:
     cls = load_user_class(spec)
     names = {**cfg.tuning.fixed, **{k: None for k in cfg.tuning.search_space}}
     constructor(cls, kind, init_of(cfg, names), spec.label)
+    _warn_fine_tuning_rate(cfg)
     return spec
+
+
+#: learning rates below this are fine-tuning rates: from scratch they barely move the weights
+SCRATCH_LR = 5e-4
+
+
+def _warn_fine_tuning_rate(cfg: Any) -> None:
+    """A warning (not an error: it may be meant) when every learning rate the study can try is
+    a fine-tuning one, e.g. the range `maas init` writes for the packaged checkpoint."""
+    space, fixed = cfg.tuning.search_space.get("learning_rate"), cfg.tuning.fixed
+    high = getattr(space, "high", None) if space is not None else fixed.get("learning_rate")
+    if isinstance(high, (int, float)) and high < SCRATCH_LR:
+        log.warning("tuning: learning_rate is at most %g, a fine-tuning rate; a module trained "
+                    "from scratch (model.module) usually needs 1e-3 to 3e-3", high)
 
 
 def construct(cls: type, contract: Contract, label: str, seed: int) -> Any:
