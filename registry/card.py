@@ -164,7 +164,8 @@ def _checkpoint(facts: dict[str, Any], detail: int) -> list[str]:
         lines.append(f"- Package: `{c['package']}` {c.get('package_version') or ''}".rstrip())
     for key, label in (("architecture", "Architecture"), ("max_length", "Max tokens"),
                        ("weights_sha256", "Weights sha256"), ("module", "Own module"),
-                       ("module_sha256", "Module source sha256"), ("init", "Module init"),
+                       ("module_sha256", "Module source sha256"),
+                       ("init", "Module init (model.init; tuned init.* in the run)"),
                        ("tokenizer", "Tokenizer")):
         if c.get(key) not in (None, ""):
             lines.append(f"- {label}: `{c[key]}`")
