@@ -330,3 +330,26 @@ def test_own_image_module_trains_logs_and_loads_in_a_fresh_process(tmp_path):
     got = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert np.allclose(got, want, atol=1e-5)
     assert DIGITS.is_dir()
+
+
+def test_maas_init_file_takes_model_module_without_other_edits(tmp_path, monkeypatch, caplog):
+    """`maas init`'s file + one `module:` line loads and passes the module checks (its
+    checkpoint line does not conflict); its fine-tuning learning rates get a warning."""
+    from pipelines.families import load_family
+
+    monkeypatch.chdir(tmp_path)
+    lines = (SST2 / "train_sample.tsv").read_text("utf-8").splitlines()[:301]
+    (tmp_path / "reviews.tsv").write_text("\n".join(lines) + "\n", "utf-8")
+    (tmp_path / "bag.py").write_text(BAG, "utf-8")
+    result = CliRunner().invoke(main, ["init", "reviews.tsv", "--name", "reviews"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "reviews.yaml").read_text("utf-8")
+    assert "# module:" in text and "checkpoint: package:" in text
+    text = text.replace("  family: text_classifier\n",
+                        "  family: text_classifier\n  module: bag.py:Bag\n", 1)
+    (tmp_path / "reviews.yaml").write_text(text, "utf-8")
+    cfg = PipelineConfig.load(tmp_path / "reviews.yaml")
+    assert cfg.model.module == f"{tmp_path / 'bag.py'}:Bag"
+    with caplog.at_level("WARNING", logger="pipelines.families.user_module"):
+        load_family(cfg).check()
+    assert "a fine-tuning rate" in caplog.text
