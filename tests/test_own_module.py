@@ -353,3 +353,24 @@ def test_maas_init_file_takes_model_module_without_other_edits(tmp_path, monkeyp
     with caplog.at_level("WARNING", logger="pipelines.families.user_module"):
         load_family(cfg).check()
     assert "a fine-tuning rate" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_checkpoint_run_compares_with_an_own_module_champion(tmp_path, tiny_checkpoint):
+    """The gate loads the champion by what was logged: an own-module champion is scored by a
+    run that fine-tunes a checkpoint under the same registered name (and the reverse path is
+    the checkpoint loader, unchanged)."""
+    from mlflow import MlflowClient
+
+    path = _write(tmp_path, BAG, "Bag")
+    first = CliRunner().invoke(main, ["run", str(path), "--no-build"])
+    assert first.exit_code == 0, first.output
+    raw = yaml.safe_load(path.read_text("utf-8"))
+    raw["model"] = {"checkpoint": str(tiny_checkpoint), "max_length": 32}
+    path.write_text(yaml.safe_dump(raw), "utf-8")
+    second = CliRunner().invoke(main, ["run", str(path), "--no-build"])
+    assert second.exit_code == 0, second.output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(client.get_model_version("own-test", "2").run_id)
+    assert run.data.tags["maas.champion_compared"] == "1"
+    assert "champion_test_accuracy" in run.data.metrics

@@ -81,6 +81,15 @@ def log_model(model: om.OwnModel, name: str, input_example: Any | None = None) -
     return info
 
 
+def is_own(model_uri: str) -> bool:
+    """Whether ``model_uri`` was logged by :func:`log_model` (its metadata has
+    ``maas_module``): a champion may be an own module while this run fine-tunes a checkpoint,
+    or the other way round."""
+    from mlflow.models import get_model_info
+
+    return "maas_module" in (get_model_info(model_uri).metadata or {})
+
+
 def load_logged(model_uri: str) -> om.OwnModel:
     """The :class:`OwnModel` of a model logged by :func:`log_model`."""
     import mlflow

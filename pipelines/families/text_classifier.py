@@ -126,13 +126,13 @@ class TextClassifier(Family):
             self.cfg.model.max_length, seed=seed, epochs=self.cfg.tuning.max_epochs))
 
     def predict_proba(self, model: TextModel, inputs: list[str], desc: str | None = None):
-        if self.own:
-            return self.own.predict_proba(model, inputs)
+        if not isinstance(model, TextModel):  # an own module's (this run's or a champion's)
+            return own_predict(model, inputs, self.cfg.model.eval_batch_size)
         return predict_proba(model.model, model.tokenizer, inputs, self.cfg.model.max_length,
                              self.cfg.model.eval_batch_size, desc=desc)
 
     def labels(self, model: TextModel) -> list[str]:
-        if self.own:
+        if not isinstance(model, TextModel):
             return model.labels
         return labels_of(model.model)
 
@@ -153,8 +153,11 @@ class TextClassifier(Family):
         return log_model(model.model, model.tokenizer, name, input_example)
 
     def load_logged(self, model_uri: str) -> TextModel:
-        if self.own:
-            return self.own.load_logged(model_uri)
+        from pipelines.families.own_tracking import is_own
+        from pipelines.families.own_tracking import load_logged as load_own
+
+        if is_own(model_uri):  # by what was logged: the champion may be of the other kind
+            return load_own(model_uri)
         return TextModel(*load_logged(model_uri))
 
     # -- compression and card -----------------------------------------------------------------
@@ -187,3 +190,10 @@ class TextClassifier(Family):
         weights = sorted(path.glob("*.safetensors"))
         out["weights_sha256"] = sha256_file(weights[0]) if len(weights) == 1 else None
         return out
+
+
+def own_predict(model: Any, inputs: list[str], batch_size: int):
+    """Probabilities of an own-module model (``own_model.OwnModel``)."""
+    from pipelines.families.own_model import predict_proba as own_proba
+
+    return own_proba(model, inputs, batch_size)

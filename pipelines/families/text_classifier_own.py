@@ -66,11 +66,6 @@ class OwnText:
         return om.OwnTrainer(model, lambda idx: enc.pad([rows[i] for i in idx]), ids, params,
                              seed, self.cfg.tuning.max_epochs, lengths=[len(r) for r in rows])
 
-    def predict_proba(self, model: Any, inputs: list[str]) -> Any:
-        from pipelines.families import own_model as om
-
-        return om.predict_proba(model, inputs, self.cfg.model.eval_batch_size)
-
     def save(self, model: Any, folder: Path) -> None:
         from pipelines.families import own_model as om
 
@@ -85,11 +80,6 @@ class OwnText:
         from pipelines.families.own_tracking import log_model
 
         return log_model(model, name, input_example)
-
-    def load_logged(self, model_uri: str) -> Any:
-        from pipelines.families.own_tracking import load_logged
-
-        return load_logged(model_uri)
 
     def compressor(self, model: Any, workdir: Path) -> Any:
         from pipelines.families.own_export import OwnCompressor

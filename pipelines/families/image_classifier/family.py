@@ -192,8 +192,8 @@ class ImageClassifier(Family):
         return Trainer(model, setup)
 
     def predict_proba(self, model: mdl.ImageModel, inputs: list[Any], desc: str | None = None):
-        if self.own:
-            return self.own.predict_proba(model, inputs)
+        if not isinstance(model, mdl.ImageModel):  # an own module's (this run's or a champion's)
+            return own_model().predict_proba(model, inputs, self.cfg.model.eval_batch_size)
         return mdl.predict_proba(model, inputs, self.cfg.model.eval_batch_size)
 
     def labels(self, model: mdl.ImageModel) -> list[str]:
@@ -214,9 +214,11 @@ class ImageClassifier(Family):
 
     def load_logged(self, model_uri: str) -> mdl.ImageModel:
         from pipelines.families.image_classifier.tracking import load_logged
+        from pipelines.families.own_tracking import is_own
         from pipelines.families.own_tracking import load_logged as load_own
 
-        return (load_own if self.own else load_logged)(model_uri)
+        # by what was logged: the champion may be of the other kind than this run's model
+        return (load_own if is_own(model_uri) else load_logged)(model_uri)
 
     # -- compression and card -----------------------------------------------------------------
     def compressor(self, model: mdl.ImageModel, data, workdir: Path):

@@ -43,11 +43,6 @@ class OwnImage:
         return om.OwnTrainer(model, lambda idx: (torch.from_numpy(x[idx]), None), ids, params,
                              seed, self.cfg.tuning.max_epochs)
 
-    def predict_proba(self, model: Any, inputs: list[Any]) -> Any:
-        from pipelines.families import own_model as om
-
-        return om.predict_proba(model, inputs, self.cfg.model.eval_batch_size)
-
     def compressor(self, model: Any, workdir: Path) -> Any:
         from pipelines.families.own_export import OwnCompressor
 
