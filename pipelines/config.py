@@ -90,14 +90,64 @@ class ValidationConfig(_Frozen):
             update={"suite": str(path if path.is_absolute() else (base / path).resolve())})
 
 
+class TokenizerConfig(_Frozen):
+    """The tokenizer trained on the training split for an own text module (``model.module``);
+    ``tokenizer.type`` / ``tokenizer.vocab_size`` may also be tuned (search_space)."""
+
+    type: Literal["wordpiece", "bpe"] = "wordpiece"
+    vocab_size: int = Field(8000, ge=100, le=500_000, description="largest vocabulary")
+    min_frequency: int = Field(2, ge=1, description="rarest token kept")
+
+
 class ModelConfig(_Frozen):
     family: str = Field("text_classifier", description="a name in pipelines.families.FAMILIES "
                         "or an import path 'package.module:FamilyClass'")
     checkpoint: str = DEFAULT_CHECKPOINT
+    module: str | None = Field(None, description="your own torch.nn.Module trained from scratch "
+                               "instead of the checkpoint: 'path/to/file.py:ClassName' "
+                               "(relative to the pipeline file)")
+    init: dict[str, Any] = Field(default_factory=dict, description="the module's constructor "
+                                 "arguments (tunable as init.NAME in tuning.search_space)")
+    tokenizer: TokenizerConfig = TokenizerConfig()
     max_length: int = Field(128, ge=8, le=4096)
     eval_batch_size: int = Field(64, ge=1)
     options: dict[str, Any] = Field(default_factory=dict, description="the family's own model "
                                     "settings (its ModelOptions schema)")
+
+    @field_validator("module")
+    @classmethod
+    def _module_spec(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        path, sep, name = v.strip().rpartition(":")
+        if not sep or not path.endswith(".py") or not name.isidentifier():
+            raise ValueError(f"{v!r}: expected 'path/to/file.py:ClassName'")
+        return f"{path}:{name}"
+
+    @model_validator(mode="after")
+    def _module_or_checkpoint(self) -> "ModelConfig":
+        if self.module is None:
+            if self.init:
+                raise ValueError("init: constructor arguments need model.module")
+            return self
+        if self.checkpoint != DEFAULT_CHECKPOINT:
+            raise ValueError("module and checkpoint: an own module is trained from scratch; "
+                             "remove model.checkpoint (or model.module)")
+        if self.options.get("checkpoint") is not None:
+            raise ValueError("module and options.checkpoint: an own module is trained from "
+                             "scratch; remove one of them")
+        return self
+
+    def resolved(self, base: Path) -> "ModelConfig":
+        """``module``'s file resolved against ``base`` (the pipeline file's folder) and checked."""
+        if self.module is None:
+            return self
+        path, _, name = self.module.rpartition(":")
+        file = Path(path).expanduser()
+        file = file if file.is_absolute() else (base / file).resolve()
+        if not file.is_file():
+            raise ConfigError(f"model.module: file not found: {file}")
+        return self.model_copy(update={"module": f"{file}:{name}"})
 
     @field_validator("family")
     @classmethod
@@ -444,7 +494,7 @@ class PipelineConfig(_Frozen):
         comp = self.compression.model_copy(update={"distillation": dist.model_copy(
             update={"unlabelled_path": res(dist.unlabelled_path)})})
         return self.model_copy(update={"data": data, "validation": self.validation.resolved(base),
-                                       "compression": comp})
+                                       "model": self.model.resolved(base), "compression": comp})
 
     def config_hash(self) -> str:
         """sha256 of the semantic config (resolved, canonical JSON); stable across formatting."""
@@ -452,6 +502,12 @@ class PipelineConfig(_Frozen):
         for section in ("model", "data"):  # empty options: the hash configs had before them
             if not payload[section].get("options"):
                 payload[section].pop("options", None)
+        if self.model.module is None:  # no own module: the hash configs had before it
+            for key in ("module", "init", "tokenizer"):
+                payload["model"].pop(key, None)
+        else:  # the module's source is part of the config
+            source = Path(self.model.module.rpartition(":")[0])
+            payload["model"]["module_sha256"] = hashlib.sha256(source.read_bytes()).hexdigest()
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

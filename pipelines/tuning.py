@@ -28,7 +28,7 @@ import optuna
 from pipelines import _compat
 from pipelines.config import CategoricalParam, FloatParam, IntParam, PipelineConfig, PrunerConfig
 from pipelines.data import Dataset
-from pipelines.families.base import Family
+from pipelines.families.base import Family, FamilyError
 from registry.locks import db_lock
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,10 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         log.info("trial %d PRUNED (%.1f s)", trial.number, time.monotonic() - started)
+    except FamilyError as exc:  # the model itself cannot work (e.g. an own module's forward):
+        trial.set_user_attr("maas_error", repr(exc)[:2000])  # stop the run (exit 2), no retries
+        study.tell(trial, state=TrialState.FAIL)
+        raise
     except Exception as exc:  # noqa: BLE001 - any objective error fails only this trial
         log.error("trial %d FAIL (%.1f s): %r", trial.number, time.monotonic() - started, exc)
         trial.set_user_attr("maas_error", repr(exc)[:2000])

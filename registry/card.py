@@ -164,7 +164,10 @@ def _checkpoint(facts: dict[str, Any], detail: int) -> list[str]:
     if c.get("package"):
         lines.append(f"- Package: `{c['package']}` {c.get('package_version') or ''}".rstrip())
     for key, label in (("architecture", "Architecture"), ("max_length", "Max tokens"),
-                       ("weights_sha256", "Weights sha256")):
+                       ("weights_sha256", "Weights sha256"), ("module", "Own module"),
+                       ("module_sha256", "Module source sha256"),
+                       ("init", "Module init (model.init; tuned init.* in the run)"),
+                       ("tokenizer", "Tokenizer")):
         if c.get(key) not in (None, ""):
             lines.append(f"- {label}: `{c[key]}`")
     for key, value in (c.get("details") or {}).items():  # a family's own facts (e.g. pooling)

@@ -152,9 +152,29 @@ def load_runtime(path: str | Path, nets: Any, settings: dict[str, Any],
     """The runtime the model folder asks for (``maas_variant.json`` ``runtime``)."""
     meta = read_meta(path)
     fbs = int(settings.get("forward_batch_size") or DEFAULT_FORWARD_BATCH)
+    own = sorted(Path(path).rglob("maas_own_runtime.py"))
+    if own and meta.get("runtime") != "onnxruntime":  # a user's own module (it loads the source)
+        return own_predictor(own[0], path, threads, fbs)
     if meta.get("runtime") == "onnxruntime":
         return OrtRuntime(path, threads=threads, dtype=meta.get("dtype") or "float32",
                           forward_batch_size=fbs)
     if nets is None:
         raise RuntimeError(f"{path} holds a torch model but the bento was built for ONNX Runtime")
     return TorchRuntime(path, nets, threads=threads, forward_batch_size=fbs)
+
+
+def own_predictor(runtime_file: Path, path: str | Path, threads: int, batch_size: int) -> Any:
+    """The ``Predictor`` of an own-module model (``maas_own_runtime.py``, logged with it), with
+    ``probabilities`` returning an array like the other runtimes."""
+    import importlib.util
+    import sys
+
+    name = "maas_own_runtime_served"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, runtime_file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    predictor = sys.modules[name].Predictor(path, threads=threads, batch_size=batch_size)
+    predictor.probabilities = predictor.proba
+    return predictor

