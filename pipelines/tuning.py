@@ -105,7 +105,7 @@ def _storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
 
 def suggest(trial: optuna.Trial, cfg: PipelineConfig) -> dict[str, Any]:
     params: dict[str, Any] = dict(cfg.tuning.fixed)
-    for name, spec in cfg.tuning.search_space.items():
+    for name, spec in cfg.tuning.space(cfg.model.module is not None).items():
         if isinstance(spec, FloatParam):
             params[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
         elif isinstance(spec, IntParam):

@@ -334,7 +334,9 @@ def test_own_image_module_trains_logs_and_loads_in_a_fresh_process(tmp_path):
 
 def test_maas_init_file_takes_model_module_without_other_edits(tmp_path, monkeypatch, caplog):
     """`maas init`'s file + one `module:` line loads and passes the module checks (its
-    checkpoint line does not conflict); its fine-tuning learning rates get a warning."""
+    checkpoint line does not conflict); with it, the study tunes the file's from-scratch
+    learning rates (module_search_space), not the fine-tuning ones, and nothing warns; without
+    them the fine-tuning rates get a warning."""
     from pipelines.families import load_family
 
     monkeypatch.chdir(tmp_path)
@@ -350,8 +352,16 @@ def test_maas_init_file_takes_model_module_without_other_edits(tmp_path, monkeyp
     (tmp_path / "reviews.yaml").write_text(text, "utf-8")
     cfg = PipelineConfig.load(tmp_path / "reviews.yaml")
     assert cfg.model.module == f"{tmp_path / 'bag.py'}:Bag"
+    assert cfg.tuning.space(True)["learning_rate"].low == 1e-3
+    assert cfg.tuning.space(False)["learning_rate"].high == 2e-4  # the checkpoint's: unchanged
     with caplog.at_level("WARNING", logger="pipelines.families.user_module"):
         load_family(cfg).check()
+    assert "a fine-tuning rate" not in caplog.text
+    text = text.replace("    learning_rate: {type: float, low: 1.0e-3, high: 3.0e-3, log: true}\n",
+                        "", 1).replace("  module_search_space:", "  module_search_space: {}")
+    (tmp_path / "reviews.yaml").write_text(text, "utf-8")
+    with caplog.at_level("WARNING", logger="pipelines.families.user_module"):
+        load_family(PipelineConfig.load(tmp_path / "reviews.yaml")).check()
     assert "a fine-tuning rate" in caplog.text
 
 

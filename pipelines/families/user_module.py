@@ -183,7 +183,7 @@ SCRATCH_LR = 5e-4
 def _warn_fine_tuning_rate(cfg: Any) -> None:
     """A warning (not an error: it may be meant) when every learning rate the study can try is
     a fine-tuning one, e.g. the range `maas init` writes for the packaged checkpoint."""
-    space, fixed = cfg.tuning.search_space.get("learning_rate"), cfg.tuning.fixed
+    space, fixed = cfg.tuning.space(True).get("learning_rate"), cfg.tuning.fixed
     high = getattr(space, "high", None) if space is not None else fixed.get("learning_rate")
     if isinstance(high, (int, float)) and high < SCRATCH_LR:
         log.warning("tuning: learning_rate is at most %g, a fine-tuning rate; a module trained "
