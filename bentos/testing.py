@@ -55,18 +55,17 @@ def load_service(bento_tag: str, **overrides: Any):
 
     from bentos.build import (
         CONFIG_FILENAME,
-        GUARD_MODULE,
-        RUNTIME_MODULE,
         SERVICE_MODULE,
         bentoml_store_scope,
     )
 
     with bentoml_store_scope(), tempfile.TemporaryDirectory(prefix="maas-svc-") as tmp:
         src = Path(bentoml.bentos.get(bento_tag).path) / "src"
-        # maas_machine: the CPU check (absent from bentos built before it)
-        for module in (SERVICE_MODULE, RUNTIME_MODULE, GUARD_MODULE, "maas_machine"):
-            if (src / f"{module}.py").is_file():
-                shutil.copy2(src / f"{module}.py", Path(tmp) / f"{module}.py")
+        # every module the bento's service loads from its folder (maas_runtime, maas_guard,
+        # maas_http, maas_machine where the bento has it, ...)
+        siblings = sorted(p.stem for p in src.glob("*.py") if p.stem != SERVICE_MODULE)
+        for module in (SERVICE_MODULE, *siblings):
+            shutil.copy2(src / f"{module}.py", Path(tmp) / f"{module}.py")
         config = json.loads((src / CONFIG_FILENAME).read_text("utf-8"))
         config["settings"].update(overrides)
         (Path(tmp) / CONFIG_FILENAME).write_text(json.dumps(config), "utf-8")
@@ -78,10 +77,8 @@ def load_service(bento_tag: str, **overrides: Any):
             spec.loader.exec_module(module)  # reads bento_config.json now, at import
             return module, module.TextClassifier()
         finally:
-            sys.modules.pop(name, None)
-            sys.modules.pop(f"{name}_maas_runtime", None)
-            sys.modules.pop(f"{name}_maas_guard", None)
-            sys.modules.pop(f"{name}_maas_machine", None)
+            for key in [name, *(f"{name}_{m}" for m in siblings)]:
+                sys.modules.pop(key, None)
 
 
 # -- compression variants (the layout the pipeline's variant step writes) --------------------

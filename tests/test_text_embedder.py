@@ -75,7 +75,7 @@ def tuned(tmp_path_factory):
     return family, data, family.load(trained_embedder(tmp_path_factory))
 
 
-def test_fine_tune_scores_and_fresh_process_pyfunc(tuned, tmp_path):
+def test_fine_tune_scores_and_fresh_process_pyfunc(tuned, tmp_path, mlflow_store):
     import mlflow
 
     family, data, model = tuned
@@ -85,8 +85,7 @@ def test_fine_tune_scores_and_fresh_process_pyfunc(tuned, tmp_path):
     ev = family.metrics(data.names(data.test), emb, model, list(data.id2label.values()))
     assert ev.metrics["accuracy"] == ev.metrics["knn_accuracy"] > 0.5
     assert set(ev.predictions) <= {"negative", "positive"}
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    texts = data.test.text.tolist()[:8]
+    texts = data.test.text.tolist()[:8]  # mlflow_store: a fresh store, its own experiment
     with mlflow.start_run():
         info = family.log_model(model, "model", texts[:2])
     mv = mlflow.register_model(info.model_uri, "embed-pyfunc")
@@ -95,9 +94,8 @@ def test_fine_tune_scores_and_fresh_process_pyfunc(tuned, tmp_path):
     code = ("import json, sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); "
             "m = mlflow.pyfunc.load_model(sys.argv[2]); "
             "print(json.dumps(m.predict(json.loads(sys.argv[3])).tolist()))")
-    out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'mlflow.db'}",
-                          uri, json.dumps(texts)], capture_output=True, text=True, timeout=120,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code, mlflow_store, uri, json.dumps(texts)],
+                         capture_output=True, text=True, timeout=120, check=True)
     fresh = np.array(json.loads(out.stdout.strip().splitlines()[-1]), dtype=np.float32)
     assert np.abs(fresh - emb[:8]).max() < 1e-5
     sig = mlflow.models.get_model_info(uri).signature

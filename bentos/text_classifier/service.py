@@ -46,8 +46,6 @@ from pydantic import BaseModel, BeforeValidator
 logger = logging.getLogger("bentoml.maas.text_classifier")
 
 CONFIG_PATH = Path(__file__).with_name("bento_config.json")
-CARD_PATH = Path(__file__).with_name("model_card.md")
-CARD_JSON_PATH = Path(__file__).with_name("model_card.json")
 # Mirrors bentos.build.BentoSettings (this file cannot import the bentos package inside a bento).
 DEFAULT_SETTINGS: dict[str, Any] = {
     "max_batch_size": 32, "max_latency_ms": 5000, "max_texts": 64, "max_chars": 2000,
@@ -255,50 +253,12 @@ class RequestGuardMiddleware:
         return None
 
 
-async def _get_metadata(request: Any) -> Any:
-    from starlette.responses import JSONResponse
-
-    if "metadata" not in _RUNTIME:
-        return JSONResponse({"error": "service is not ready"}, status_code=503)
-    return JSONResponse(_RUNTIME["metadata"])
+#: GET /metadata and GET /card (maas_http.py, shared by every MaaS service)
+http = _load_runtime_module("maas_http")
 
 
-async def _get_card(request: Any) -> Any:
-    """The model card: Markdown (default) or ``?format=json``; 404 in a bento built without one."""
-    from starlette.responses import JSONResponse, Response
-
-    fmt = request.query_params.get("format", "markdown").lower()
-    if fmt not in ("markdown", "md", "json"):
-        return JSONResponse({"error": f"format={fmt!r}: use markdown or json"}, status_code=400)
-    path = CARD_JSON_PATH if fmt == "json" else CARD_PATH
-    if not path.is_file():
-        return JSONResponse({"error": "this bento was built without a model card"},
-                            status_code=404)
-    tag = _bento_tag()
-    if fmt == "json":
-        card = json.loads(path.read_text("utf-8"))
-        card.setdefault("served_by", {})["bento_tag"] = tag
-        return JSONResponse(card)
-    text = path.read_text("utf-8").rstrip() + f"\n- Bento tag: `{tag or 'unknown'}`\n"
-    return Response(text, media_type="text/markdown; charset=utf-8")
-
-
-def _metadata_app() -> Any:
-    from starlette.applications import Starlette
-    from starlette.routing import Route
-
-    return Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]),
-                             Route("/card", _get_card, methods=["GET"])])
-
-
-def _bento_tag() -> str:
-    name, version = bentoml.server_context.bento_name, bentoml.server_context.bento_version
-    if name and version and version != "not available":
-        return f"{name}:{version}"
-    return ""
-
-
-@bentoml.asgi_app(_metadata_app(), path="/", name="maas_metadata")
+@bentoml.asgi_app(http.metadata_app(_RUNTIME, Path(__file__).parent), path="/",
+                  name="maas_metadata")
 @bentoml.service(
     name=SERVICE_NAME,
     resources={"gpu": 1} if HAS_GPU else {"cpu": str(THREADS * WORKERS)},
@@ -352,7 +312,7 @@ class TextClassifier:
             "variant_accuracy_drop": self.variant.get("accuracy_drop"),
             "machine": self.machine_check.get("machine"),
             "machine_check": self.machine_check,
-            "bento_tag": _bento_tag(),
+            "bento_tag": http.bento_tag(),
             "bento_model_tag": bento_model_tag,
             "labels": self.labels,
             **self.runtime.info,

@@ -34,8 +34,6 @@ from pydantic import BeforeValidator
 logger = logging.getLogger("bentoml.maas.text_embedder")
 
 CONFIG_PATH = Path(__file__).with_name("bento_config.json")
-CARD_PATH = Path(__file__).with_name("model_card.md")
-CARD_JSON_PATH = Path(__file__).with_name("model_card.json")
 DEFAULT_SETTINGS: dict[str, Any] = {
     "max_batch_size": 32, "max_latency_ms": 5000, "max_texts": 64, "max_chars": 2000,
     "timeout": 30.0, "max_concurrency": 64, "workers": 1, "service_name": None,
@@ -156,43 +154,12 @@ class RequestGuardMiddleware:
         return None
 
 
-async def _get_metadata(request: Any) -> Any:
-    from starlette.responses import JSONResponse
-
-    if "metadata" not in _RUNTIME:
-        return JSONResponse({"error": "service is not ready"}, status_code=503)
-    return JSONResponse(_RUNTIME["metadata"])
+#: GET /metadata and GET /card (maas_http.py, shared by every MaaS service)
+http = _sibling("maas_http")
 
 
-async def _get_card(request: Any) -> Any:
-    from starlette.responses import JSONResponse, Response
-
-    fmt = request.query_params.get("format", "markdown").lower()
-    if fmt not in ("markdown", "md", "json"):
-        return JSONResponse({"error": f"format={fmt!r}: use markdown or json"}, status_code=400)
-    path = CARD_JSON_PATH if fmt == "json" else CARD_PATH
-    if not path.is_file():
-        return JSONResponse({"error": "this bento was built without a model card"},
-                            status_code=404)
-    if fmt == "json":
-        return JSONResponse(json.loads(path.read_text("utf-8")))
-    return Response(path.read_text("utf-8"), media_type="text/markdown; charset=utf-8")
-
-
-def _metadata_app() -> Any:
-    from starlette.applications import Starlette
-    from starlette.routing import Route
-
-    return Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]),
-                             Route("/card", _get_card, methods=["GET"])])
-
-
-def _bento_tag() -> str:
-    name, version = bentoml.server_context.bento_name, bentoml.server_context.bento_version
-    return f"{name}:{version}" if name and version and version != "not available" else ""
-
-
-@bentoml.asgi_app(_metadata_app(), path="/", name="maas_metadata")
+@bentoml.asgi_app(http.metadata_app(_RUNTIME, Path(__file__).parent), path="/",
+                  name="maas_metadata")
 @bentoml.service(
     name=SERVICE_NAME,
     resources={"gpu": 1} if HAS_GPU else {"cpu": str(THREADS * WORKERS)},
@@ -219,7 +186,7 @@ class TextEmbedder:
             "alias": mlflow_info.get("alias", ""),
             "variant": VARIANT.get("name") or "fp32",
             "variant_model_uri": VARIANT.get("model_uri", ""),
-            "bento_tag": _bento_tag(), "bento_model_tag": str(stored.info.tag),
+            "bento_tag": http.bento_tag(), "bento_model_tag": str(stored.info.tag),
             **self.runtime.info,
             "dtype": (VARIANT.get("onnx") or {}).get("dtype") or self.runtime.info["dtype"],
             "max_texts": MAX_TEXTS, "max_chars": MAX_CHARS, "workers": WORKERS,

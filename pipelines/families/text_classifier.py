@@ -175,25 +175,30 @@ class TextClassifier(Family):
     def card_facts(self) -> dict[str, Any]:
         if self.own:
             return self.own.card_facts()
-        from pipelines.card_facts import sha256_file
+        return checkpoint_facts(self.cfg.model.checkpoint, self.cfg.model.max_length,
+                                self.checkpoint)
 
-        spec = self.cfg.model.checkpoint
-        out: dict[str, Any] = {"spec": spec, "max_length": self.cfg.model.max_length}
-        if spec.startswith("package:"):
-            package = spec.split(":", 1)[1]
-            out["package"] = package
-            try:
-                out["package_version"] = metadata.version(package.replace("_", "-"))
-            except metadata.PackageNotFoundError:
-                out["package_version"] = None
-        path = self.checkpoint
-        with open(path / "config.json", encoding="utf-8") as fh:
-            config = json.load(fh)
-        out["architecture"] = (", ".join(config.get("architectures") or [])
-                               or config.get("model_type"))
-        weights = sorted(path.glob("*.safetensors"))
-        out["weights_sha256"] = sha256_file(weights[0]) if len(weights) == 1 else None
-        return out
+
+def checkpoint_facts(spec: str, max_length: int, path: Path) -> dict[str, Any]:
+    """The card's ``base_checkpoint`` facts of a transformers checkpoint (``spec`` as configured,
+    ``path`` its resolved folder): package and version, architecture, weights sha256."""
+    from pipelines.card_facts import sha256_file
+
+    out: dict[str, Any] = {"spec": spec, "max_length": max_length}
+    if spec.startswith("package:"):
+        package = spec.split(":", 1)[1]
+        out["package"] = package
+        try:
+            out["package_version"] = metadata.version(package.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out["package_version"] = None
+    with open(path / "config.json", encoding="utf-8") as fh:
+        config = json.load(fh)
+    out["architecture"] = (", ".join(config.get("architectures") or [])
+                           or config.get("model_type"))
+    weights = sorted(path.glob("*.safetensors"))
+    out["weights_sha256"] = sha256_file(weights[0]) if len(weights) == 1 else None
+    return out
 
 
 def own_predict(model: Any, inputs: list[str], batch_size: int):

@@ -226,9 +226,10 @@ class TextEmbedder(Family):
         return EmbedCompressor(self.cfg, data, model, workdir)
 
     def card_facts(self) -> dict[str, Any]:
-        from pipelines.families.text_classifier import TextClassifier
+        from pipelines.families.text_classifier import checkpoint_facts
 
-        facts = TextClassifier.card_facts(self)  # type: ignore[arg-type] - same checkpoint rules
+        facts = checkpoint_facts(self.cfg.model.checkpoint, self.cfg.model.max_length,
+                                 self.checkpoint)
         tuned = "pooling" in self.cfg.tuning.search_space
         pooling = ("tuned (see the best trial's pooling)" if tuned else
                    self.cfg.tuning.fixed.get("pooling", self.model_options.pooling))

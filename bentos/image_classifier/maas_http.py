@@ -1,0 +1,1 @@
+../text_classifier/maas_http.py
