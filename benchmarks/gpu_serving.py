@@ -204,6 +204,8 @@ def run(opts: argparse.Namespace, cuda: bool, card: str) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="maas-gpu-"))
     os.chdir(tmp)  # the SQLite store's artifacts (./mlruns) land there, not in the checkout
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # another store's
+        os.environ.pop(name, None)
     os.environ["BENTOML_HOME"] = str(tmp / "bentoml")
     facts = make_checkpoint(opts.checkpoint, tmp / "ckpt", seed=0)
     t0 = time.perf_counter()

@@ -284,9 +284,25 @@ def _build_from_context(ctx: Path, config: dict[str, Any], bentofile: dict[str, 
     import bentoml
 
     write_build_context(ctx, config, bentofile, card, service)
-    with _fresh_module(*service.modules):
-        # the same call as the `bentoml build <ctx>` CLI
-        return bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx))
+    cwd = os.getcwd()
+    try:
+        with _fresh_module(*service.modules):
+            # the same call as the `bentoml build <ctx>` CLI
+            return bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"),
+                                                  build_ctx=str(ctx))
+    finally:
+        _restore_cwd(cwd)
+
+
+def _restore_cwd(cwd: str) -> None:
+    """Back to ``cwd``: a build that fails while importing the service leaves the process in the
+    build context, which is deleted next, and every later relative path would then fail."""
+    try:
+        if os.getcwd() == cwd:
+            return
+    except OSError:  # the folder it is in is gone
+        pass
+    os.chdir(cwd)
 
 
 def _model_metadata(mv: Any, model_uri: str, run_id: str | None, alias: str | None,

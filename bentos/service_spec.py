@@ -61,8 +61,11 @@ class ServiceSpec:
 
     @property
     def modules(self) -> list[str]:
-        """Module names the copied files import as (cleared around a build)."""
-        return [p.stem for p in self.files] + [Path(RUNTIMES_FILE).stem]
+        """Module names the copied files import as (cleared around a build): each file's own,
+        and ``<service module>_<stem>``, under which a service caches the siblings it loads from
+        its folder (another service built earlier in this process left its own there)."""
+        stems = [p.stem for p in self.files]
+        return stems + [f"{self.module}_{s}" for s in stems] + [Path(RUNTIMES_FILE).stem]
 
     def packages(self, runtime_name: str) -> list[str]:
         """Pinned packages of a bento serving a model in ``runtime_name`` with this service:
