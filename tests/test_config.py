@@ -73,7 +73,11 @@ def test_compression_defaults_and_reference():
     assert requested(cfg, family_class("text_classifier")) == [
         "onnx", "onnx-int8", "distilled", "distilled+onnx-int8"]
     assert requested(cfg, family_class("image_classifier")) == ["onnx", "onnx-int8"]
-    assert c.distillation.layers is None and c.distillation.epochs == 3
+    assert c.distillation.layers == 4 and c.distillation.epochs == 2
+    assert c.distillation.unlabelled_path == REPO / "data" / "sst2" / "unlabelled.txt"
+    from pipelines.config import DistillationConfig
+
+    assert DistillationConfig().layers is None  # the default: every other layer
     assert c.pruning.ffn == 0.5 and c.pruning.recovery_epochs == 2
     opt_in = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml", {
         "compression.variants": ["onnx-int8", "pruned", "pruned+onnx-int8"]})
