@@ -24,6 +24,8 @@ def test_config_hash_ignores_formatting(tmp_path):
     raw = yaml.safe_load(shipped.read_text())
     for key in ("path", "test_path"):
         raw["data"][key] = str((shipped.parent / raw["data"][key]).resolve())
+    dist = raw["compression"]["distillation"]  # the other path in the file
+    dist["unlabelled_path"] = str((shipped.parent / dist["unlabelled_path"]).resolve())
     b_path = tmp_path / "reformatted.yaml"
     b_path.write_text("# another comment\n"
                       + yaml.safe_dump(raw, sort_keys=True, default_flow_style=True))
