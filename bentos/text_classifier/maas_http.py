@@ -5,7 +5,8 @@ Copied into every bento beside ``service.py``, which loads it from its own folde
 embedder service folders link to this file); it imports nothing from the ``bentos`` package.
 ``/metadata`` answers what the service instance put in its ``state["metadata"]`` (503 before it
 is ready); ``/card`` the model card written at build time (Markdown, or ``?format=json``; 404 in a
-bento built without one), with the serving bento's tag added.
+bento built without one), with the serving bento's tag added. ``RequestGuardMiddleware``: the
+checks every text service makes before BentoML reads a body.
 """
 
 from __future__ import annotations
@@ -56,3 +57,61 @@ def metadata_app(state: dict[str, Any], folder: Path) -> Any:
 
     return Starlette(routes=[Route("/metadata", get_metadata, methods=["GET"]),
                              Route("/card", get_card, methods=["GET"])])
+
+
+#: refused with 415 on every route (any media type naming pickle is refused as well)
+PICKLE_MEDIA_TYPES = frozenset({
+    "application/vnd.bentoml+pickle", "application/x-pickle", "application/pickle",
+    "application/python-pickle", "application/x-python-pickle",
+})
+#: media types accepted for API request bodies (a missing content type is read as JSON)
+JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return value.split(b";")[0].strip().lower().decode("latin-1")
+    return None
+
+
+class RequestGuardMiddleware:
+    """Refuses, before BentoML reads the body:
+
+    - any body whose content type names pickle, on every route: 415 (BentoML 1.4 refuses only
+      ``application/vnd.bentoml+pickle`` itself; other pickle spellings would otherwise reach
+      its serde lookup),
+    - a POST to ``route`` whose content type is not JSON: 415,
+    - a POST body larger than ``max_body_bytes`` (``Content-Length``): 413, naming ``limits``.
+
+    Added with ``Service.add_asgi_middleware(RequestGuardMiddleware, route=..., ...)``.
+    """
+
+    def __init__(self, app: Any, *, route: str, max_body_bytes: int, limits: str) -> None:
+        self.app, self.route = app, route
+        self.max_body_bytes, self.limits = max_body_bytes, limits
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        error = self.refusal(scope) if scope["type"] == "http" else None
+        if error is None:
+            await self.app(scope, receive, send)
+            return
+        from starlette.responses import JSONResponse
+
+        await JSONResponse({"error": error[1]}, status_code=error[0])(scope, receive, send)
+
+    def refusal(self, scope: Any) -> tuple[int, str] | None:
+        media = _header(scope, b"content-type")
+        if media is not None and (media in PICKLE_MEDIA_TYPES or "pickle" in media):
+            return 415, (f"content type {media} is not accepted (pickle bodies are refused); "
+                         "send application/json")
+        if scope.get("method") != "POST":
+            return None
+        if scope.get("path", "").rstrip("/") == self.route and media is not None \
+                and media not in JSON_MEDIA_TYPES and not media.endswith("+json"):
+            return 415, f"content type {media} is not accepted; send application/json"
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return 413, (f"request body of {length} bytes is larger than any valid request "
+                         f"({self.limits})")
+        return None

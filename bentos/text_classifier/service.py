@@ -53,15 +53,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "service_name": None, "max_tokens": None, "torch_threads": None, "variant": None,
     "forward_batch_size": None, "access_log": True, "body_timeout_s": 5.0,
 }
-#: refused with 415 on every route (any media type naming pickle is refused as well)
-PICKLE_MEDIA_TYPES = frozenset({
-    "application/vnd.bentoml+pickle", "application/x-pickle", "application/pickle",
-    "application/python-pickle", "application/x-python-pickle",
-})
-#: media types accepted for API request bodies (a missing content type is read as JSON)
-JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
-
-
 def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
     config: dict[str, Any] = {"model_tag": None, "settings": dict(DEFAULT_SETTINGS),
                               "mlflow": {}, "labels": [], "variant": {}}
@@ -194,65 +185,6 @@ def _served_runtime(model_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any
 _RUNTIME: dict[str, Any] = {}
 
 
-def _media_type(scope: Any) -> str | None:
-    for key, value in scope.get("headers") or ():
-        if key.lower() == b"content-type":
-            return value.split(b";")[0].strip().lower().decode("latin-1")
-    return None
-
-
-def _content_length(scope: Any) -> int | None:
-    for key, value in scope.get("headers") or ():
-        if key.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-class RequestGuardMiddleware:
-    """Refuses, before BentoML reads the body:
-
-    - any body whose content type names pickle, on every route: 415 (BentoML 1.4 refuses only
-      ``application/vnd.bentoml+pickle`` itself; other pickle spellings would otherwise reach
-      its serde lookup),
-    - a POST to ``/classify`` whose content type is not JSON: 415,
-    - a POST body larger than any valid request can be (``Content-Length``): 413.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            error = self._refusal(scope)
-            if error is not None:
-                from starlette.responses import JSONResponse
-
-                status, message = error
-                await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    def _refusal(scope: Any) -> tuple[int, str] | None:
-        media = _media_type(scope)
-        if media is not None and (media in PICKLE_MEDIA_TYPES or "pickle" in media):
-            return 415, (f"content type {media} is not accepted (pickle bodies are refused); "
-                         "send application/json")
-        if scope.get("method") != "POST":
-            return None
-        if scope.get("path", "").rstrip("/") == "/classify" and media is not None \
-                and media not in JSON_MEDIA_TYPES and not media.endswith("+json"):
-            return 415, f"content type {media} is not accepted; send application/json"
-        length = _content_length(scope)
-        if length is not None and length > MAX_BODY_BYTES:
-            return 413, (f"request body of {length} bytes is larger than any valid request "
-                         f"(max_texts={MAX_TEXTS} x max_chars={MAX_CHARS})")
-        return None
-
-
 #: GET /metadata and GET /card (maas_http.py, shared by every MaaS service)
 http = _load_runtime_module("maas_http")
 
@@ -354,7 +286,9 @@ class TextClassifier:
         return self.info
 
 
-TextClassifier.add_asgi_middleware(RequestGuardMiddleware)
+TextClassifier.add_asgi_middleware(http.RequestGuardMiddleware, route="/classify",
+                                    max_body_bytes=MAX_BODY_BYTES,
+                                    limits=f"max_texts={MAX_TEXTS} x max_chars={MAX_CHARS}")
 # added after, so it runs inside RequestGuardMiddleware: 415s and Content-Length 413s come first
 TextClassifier.add_asgi_middleware(guard.BodyGuardMiddleware, max_bytes=MAX_BODY_BYTES,
                                    timeout_s=BODY_TIMEOUT_S)

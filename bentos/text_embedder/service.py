@@ -40,7 +40,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_tokens": None, "torch_threads": None, "forward_batch_size": None,
     "access_log": True, "body_timeout_s": 5.0,
 }
-JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
 
 
 def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
@@ -114,46 +113,6 @@ Answer = Annotated[dict[str, Any], bentoml.validators.ContentType("application/j
 _RUNTIME: dict[str, Any] = {}  # filled by the service instance; read by GET /metadata
 
 
-def _header(scope: Any, name: bytes) -> str | None:
-    for key, value in scope.get("headers") or ():
-        if key.lower() == name:
-            return value.split(b";")[0].strip().lower().decode("latin-1")
-    return None
-
-
-class RequestGuardMiddleware:
-    """Before BentoML reads the body: a content type naming pickle (any route) or a non-JSON
-    POST to ``/embed`` -> 415; a ``Content-Length`` over any valid request -> 413."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        error = self._refusal(scope) if scope["type"] == "http" else None
-        if error is None:
-            await self.app(scope, receive, send)
-            return
-        from starlette.responses import JSONResponse
-
-        await JSONResponse({"error": error[1]}, status_code=error[0])(scope, receive, send)
-
-    @staticmethod
-    def _refusal(scope: Any) -> tuple[int, str] | None:
-        media = _header(scope, b"content-type")
-        if media is not None and "pickle" in media:
-            return 415, f"content type {media} is not accepted (pickle bodies are refused)"
-        if scope.get("method") != "POST":
-            return None
-        if scope.get("path", "").rstrip("/") == "/embed" and media is not None \
-                and media not in JSON_MEDIA_TYPES and not media.endswith("+json"):
-            return 415, f"content type {media} is not accepted; send application/json"
-        length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return 413, (f"request body of {length} bytes is larger than any valid request "
-                         f"(max_texts={MAX_TEXTS} x max_chars={MAX_CHARS})")
-        return None
-
-
 #: GET /metadata and GET /card (maas_http.py, shared by every MaaS service)
 http = _sibling("maas_http")
 
@@ -221,6 +180,8 @@ class TextEmbedder:
         return self.info
 
 
-TextEmbedder.add_asgi_middleware(RequestGuardMiddleware)
+TextEmbedder.add_asgi_middleware(http.RequestGuardMiddleware, route="/embed",
+                                  max_body_bytes=MAX_BODY_BYTES,
+                                  limits=f"max_texts={MAX_TEXTS} x max_chars={MAX_CHARS}")
 TextEmbedder.add_asgi_middleware(guard.BodyGuardMiddleware, max_bytes=MAX_BODY_BYTES,
                                  timeout_s=BODY_TIMEOUT_S)
