@@ -20,6 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+#: seconds an idle client connection is reused; below the server's keep-alive timeout (5 s)
+CLIENT_KEEPALIVE_S = 2.0
+
 
 @dataclass
 class LoadResult:
@@ -116,7 +119,11 @@ async def run_load(url: str, payloads: Sequence[Sequence[str]], *, requests: int
         raise ValueError("requests and concurrency must be >= 1")
     result = LoadResult(url=url, requests=requests, concurrency=concurrency, wall_s=0.0)
     counter = iter(range(requests))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # idle connections expire on this side first: uvicorn (bentoml serve) closes a connection
+    # idle for 5 s, and a request sent on it as it closes fails with ReadError (a CPU-starved
+    # load generator can leave connections idle that long)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
+                          keepalive_expiry=CLIENT_KEEPALIVE_S)
     timeout = httpx.Timeout(request_timeout_s, connect=min(10.0, request_timeout_s))
     bodies = [(encode or json_texts)(texts) for texts in payloads]
     cpu0, start = time.process_time(), time.perf_counter()
