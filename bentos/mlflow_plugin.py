@@ -233,52 +233,89 @@ class BentoMLDeploymentClient(BaseDeploymentClient):
         return url.rstrip("/")
 
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
-        """POST the texts in ``inputs`` (a str, a list of str, ``{"texts": [...]}``, a pandas
-        Series, or a DataFrame with one text column) to ``/classify`` of the running server;
-        larger inputs are sent in chunks of the server's ``max_texts``. Returns
-        ``PredictionsResponse({"predictions": [{"label", "probabilities"}, ...]})``."""
+        """POST ``inputs`` to the running server's API, in chunks of its per-request limit. The
+        server's ``/metadata`` says which API (``api``: route, input field, max items; a server
+        without it is a text classifier: ``/classify``, ``texts``, ``max_texts``). Inputs: one
+        item, a list, ``{field: [...]}``, a pandas Series, or a DataFrame with one column (or
+        one named after the field); image items are bytes, paths of image files, or base64
+        text. Returns ``PredictionsResponse({"predictions": [one answer per item, ...]})``."""
         import httpx
 
-        texts = _texts_of(inputs)
         url = self._url(deployment_name, endpoint)
         predictions: list[Any] = []
         with httpx.Client(timeout=60.0) as http:
             meta = http.get(f"{url}/metadata")
-            chunk = int(meta.json().get("max_texts", 64)) if meta.is_success else 64
-            for i in range(0, len(texts), chunk):
-                resp = http.post(f"{url}/classify", json={"texts": texts[i:i + chunk]})
+            route, field, output, chunk = _api_of(meta.json() if meta.is_success else {})
+            items = _items_of(inputs, field)
+            for i in range(0, len(items), chunk):
+                resp = http.post(f"{url}{route}", json={field: items[i:i + chunk]})
                 if not resp.is_success:
-                    raise MlflowException(f"{url}/classify answered {resp.status_code}: "
+                    raise MlflowException(f"{url}{route} answered {resp.status_code}: "
                                           f"{resp.text[:500]}",
                                           error_code=INVALID_PARAMETER_VALUE
                                           if resp.status_code < 500 else None)
-                predictions.extend(resp.json())
+                answer = resp.json()
+                predictions.extend(answer[output] if output else answer)
         return PredictionsResponse({"predictions": predictions})
 
 
-def _texts_of(inputs: Any) -> list[str]:
-    if isinstance(inputs, str):
-        return [inputs]
+def _api_of(meta: dict[str, Any]) -> tuple[str, str, str, int]:
+    """(route, input field, output field or "" for a list answer, items per request) of a
+    served MaaS bento's ``/metadata``."""
+    api = meta.get("api") or {}
+    route = str(api.get("route") or "/classify")
+    field = str(api.get("input") or "texts")
+    chunk = int(api.get("max_items") or meta.get("max_texts") or 64)
+    return route, field, str(api.get("output") or ""), max(1, chunk)
+
+
+def _items_of(inputs: Any, field: str) -> list[Any]:
+    """The list of items to send in ``field`` (see ``predict``)."""
+    single = (str, bytes, Path)
+    if isinstance(inputs, single):
+        inputs = [inputs]
     if isinstance(inputs, dict):
-        inputs = inputs.get("texts", inputs.get("inputs"))
+        inputs = inputs.get(field, inputs.get("inputs"))
     try:
         import pandas as pd
 
         if isinstance(inputs, pd.DataFrame):
-            cols = [c for c in ("text", "texts", "sentence", "inputs") if c in inputs.columns]
+            names = (field, field.rstrip("s"), "text", "sentence", "path", "inputs")
+            cols = [c for c in names if c in inputs.columns]
             if not cols and len(inputs.columns) != 1:
-                raise MlflowException("a DataFrame input needs one text column (or a column "
-                                      "named text/sentence)", error_code=INVALID_PARAMETER_VALUE)
+                raise MlflowException(f"a DataFrame input needs one column (or one named "
+                                      f"{field!r})", error_code=INVALID_PARAMETER_VALUE)
             inputs = inputs[cols[0] if cols else inputs.columns[0]]
         if isinstance(inputs, pd.Series):
             inputs = inputs.tolist()
     except ImportError:  # pragma: no cover - pandas comes with mlflow
         pass
     if not isinstance(inputs, (list, tuple)) or not inputs:
-        raise MlflowException("inputs must be a text, a non-empty list of texts, {'texts': "
-                              "[...]}, or a DataFrame/Series of texts",
+        raise MlflowException(f"inputs must be one item, a non-empty list, {{{field!r}: "
+                              "[...]}, or a DataFrame/Series of them",
                               error_code=INVALID_PARAMETER_VALUE)
-    return list(inputs)
+    return [_image_item(x) for x in inputs] if field == "images" else list(inputs)
+
+
+def _image_item(item: Any) -> str:
+    """An image for a JSON request: bytes and image-file paths become base64; other text is
+    taken as base64 already (the server refuses it with 400 when it is not)."""
+    import base64
+
+    if isinstance(item, str) and len(item) < 4096 and Path(item).is_file():
+        item = Path(item)
+    if isinstance(item, Path):
+        try:
+            item = item.read_bytes()
+        except OSError as exc:
+            raise MlflowException(f"cannot read image {item}: {exc}",
+                                  error_code=INVALID_PARAMETER_VALUE) from None
+    if isinstance(item, (bytes, bytearray)):
+        return base64.b64encode(item).decode("ascii")
+    if isinstance(item, str):
+        return item
+    raise MlflowException(f"an image must be bytes, a file path or base64 text, not "
+                          f"{type(item).__name__}", error_code=INVALID_PARAMETER_VALUE)
 
 
 def run_local(name, model_uri, flavor=None, config=None):
@@ -332,6 +369,7 @@ chosen one, tag maas.variant); a variant outside its accuracy budget is refused.
   mlflow deployments run-local -t bentoml --name sentiment -m models:/sst2-sentiment@champion \\
       -C port=3000
   mlflow deployments predict -t bentoml --name sentiment --input-path texts.json  # needs url
+  (any family: the server's /metadata names its API; e.g. {{"images": ["digit.png"]}})
   mlflow deployments update -t bentoml --name sentiment            # rebuild from the same alias
   mlflow deployments delete -t bentoml --name sentiment            # bentos + BentoML models
 """

@@ -233,3 +233,26 @@ def test_image_bytes_roundtrip_helper():
     assert len(data) < 64 * 1024
     with Image.open(io.BytesIO(data)) as img:
         assert img.size[0] * img.size[1] > MAX_PIXELS
+
+
+def test_mlflow_deployments_predict_sends_images(server, tmp_path):
+    """`mlflow deployments predict -t bentoml` follows the served family's API (its /metadata):
+    image file paths, bytes and a DataFrame of paths are sent as images, in chunks of
+    max_images, and answer in order."""
+    import pandas as pd
+    from mlflow.deployments import get_deploy_client
+    from mlflow.exceptions import MlflowException
+
+    url, expected, meta = server
+    assert meta["api"] == {"route": "/classify", "input": "images", "max_items": MAX_IMAGES}
+    client = get_deploy_client("bentoml")
+    order = [i % 10 for i in range(MAX_IMAGES + 3)]  # more than one request's worth
+    out = client.predict(endpoint=url, inputs={"images": [str(SAMPLES[i]) for i in order]})
+    _check(out["predictions"], [expected[i] for i in order])
+    out = client.predict(endpoint=url, inputs=[SAMPLES[4].read_bytes(), SAMPLES[8]])
+    _check(out["predictions"], [expected[4], expected[8]])
+    frame = pd.DataFrame({"path": [str(SAMPLES[1]), str(SAMPLES[6])]})
+    _check(client.predict(endpoint=url, inputs=frame)["predictions"], [expected[1], expected[6]])
+    (tmp_path / "n.png").write_bytes(b"not an image")
+    with pytest.raises(MlflowException, match=r"answered 400: .*n\.png|not a PNG"):
+        client.predict(endpoint=url, inputs=[str(tmp_path / "n.png")])

@@ -71,6 +71,21 @@ def test_embed_in_order_float_and_base64(server):
     assert vecs.shape == (4, 384) and _cos(vecs, expected).min() >= 0.999
 
 
+def test_mlflow_deployments_predict_embeds(server):
+    """`mlflow deployments predict -t bentoml` follows the served family's API (/metadata):
+    texts go to /embed in chunks of max_texts, one vector per text back, in order."""
+    from mlflow.deployments import get_deploy_client
+
+    url, meta, expected = server
+    assert meta["api"] == {"route": "/embed", "input": "texts", "output": "embeddings",
+                           "max_items": 8}
+    order = [i % 4 for i in range(11)]  # two requests of at most 8 texts
+    out = get_deploy_client("bentoml").predict(endpoint=url,
+                                               inputs=[TEXTS[i] for i in order])
+    vecs = np.asarray(out["predictions"], np.float32)
+    assert vecs.shape == (11, 384) and _cos(vecs, expected[order]).min() >= 0.999
+
+
 def test_concurrent_requests_share_calls_and_stay_apart(server):
     import concurrent.futures as cf
 

@@ -187,6 +187,7 @@ class ImageClassifier:
             "channels": int(meta["channels"]), "image_size": int(meta["image_size"]),
             "arch": meta.get("arch"), **self.runtime.info,
             "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
+            "api": {"route": "/classify", "input": "images", "max_items": MAX_IMAGES},
             "max_images": MAX_IMAGES, "max_image_bytes": MAX_IMAGE_BYTES,
             "max_pixels": MAX_PIXELS, "max_body_bytes": MAX_BODY_BYTES,
             "max_concurrency": int(SETTINGS["max_concurrency"]),

@@ -252,6 +252,7 @@ class TextClassifier:
             "max_latency_ms": MAX_LATENCY_MS,
             "max_texts": MAX_TEXTS,
             "max_chars": MAX_CHARS,
+            "api": {"route": "/classify", "input": "texts", "max_items": MAX_TEXTS},
             "max_concurrency": int(SETTINGS["max_concurrency"]),
             "timeout": float(SETTINGS["timeout"]),
             "workers": WORKERS,

@@ -148,6 +148,8 @@ class TextEmbedder:
             "bento_tag": http.bento_tag(), "bento_model_tag": str(stored.info.tag),
             **self.runtime.info,
             "dtype": (VARIANT.get("onnx") or {}).get("dtype") or self.runtime.info["dtype"],
+            "api": {"route": "/embed", "input": "texts", "output": "embeddings",
+                    "max_items": MAX_TEXTS},
             "max_texts": MAX_TEXTS, "max_chars": MAX_CHARS, "workers": WORKERS,
             "max_concurrency": int(SETTINGS["max_concurrency"]),
             "timeout": float(SETTINGS["timeout"]), "encodings": ["float", "base64"],
