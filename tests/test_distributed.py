@@ -51,6 +51,19 @@ def _wait_running_trial(storage: str, proc: subprocess.Popen, log: Path,
     raise AssertionError(f"process {pid} never ran a trial")
 
 
+def _wait_for_log(proc: subprocess.Popen, log: Path, line: str, timeout: float = 300) -> None:
+    """Poll ``log`` until it holds ``line``; fail at once if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if line in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {line!r}:\n"
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {line!r} in {log} after {timeout:.0f} s")
+
+
 def _study(storage: str) -> optuna.Study:
     (summary,) = optuna.get_all_study_summaries(storage)
     return optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -73,7 +86,8 @@ def test_workers_share_one_study_budget_exact_and_killed_trial_retried(
     try:
         victim = workers[0]
         killed = _wait_running_trial(storage, victim, tmp_path / "worker0.log")
-        time.sleep(1.0)
+        # one epoch in (of two): the kill lands mid-trial
+        _wait_for_log(victim, tmp_path / "worker0.log", f"trial {killed.number} epoch 1/2")
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
         assert workers[1].wait(timeout=600) == 0, (tmp_path / "worker1.log").read_text()[-3000:]
@@ -124,19 +138,8 @@ def test_sigkill_mid_tuning_then_same_command_resumes(tmp_path, small_checkpoint
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = _maas(["run", str(pipe), "--no-build"], env, tmp_path, tmp_path / "run1.log")
     try:
-        # let trial 0 finish, kill during trial 1
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if Path(tmp_path / "optuna.db").exists():
-                try:
-                    study = _study(storage)
-                    if any(t.number == 1 and t.state == optuna.trial.TrialState.RUNNING
-                           for t in study.get_trials()):
-                        break
-                except Exception:
-                    pass
-            time.sleep(0.5)
-        time.sleep(1.0)
+        # trial 0 finished, trial 1 one epoch in (of two): kill it mid-trial
+        _wait_for_log(first, tmp_path / "run1.log", "trial 1 epoch 1/2")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
