@@ -84,6 +84,11 @@ class DistillationConfig(_Frozen):
     max_unlabelled_rows: int = Field(20000, ge=1)
     time_budget_s: float = Field(300.0, gt=0, description="the student is trained within this; "
                                  "not made when one epoch would not fit")
+    run_deadline_s: float | None = Field(
+        None, gt=0, description="seconds from the run's start: the budget is also capped at "
+                                "what is left of them when the compress step begins, so that "
+                                "a slower machine makes a shorter student (or none) instead "
+                                "of a longer run; None = no cap")
 
 
 class CompressionConfig(_Frozen):
@@ -113,3 +118,17 @@ class CompressionConfig(_Frozen):
         if dupes:
             raise ValueError(f"variants listed twice: {dupes}")
         return v
+
+
+def within_run_deadline(cfg: Any, elapsed_s: float) -> Any:
+    """``cfg`` with ``compression.distillation.time_budget_s`` capped at what is left of its
+    ``run_deadline_s`` after ``elapsed_s`` seconds of the run (pure; ``cfg`` itself when there
+    is no deadline or it leaves the budget as it is). Nothing left gives a budget that no
+    epoch fits: the student is then not made, and the reason says so."""
+    d = cfg.compression.distillation
+    if d.run_deadline_s is None or d.run_deadline_s - elapsed_s >= d.time_budget_s:
+        return cfg
+    left = max(d.run_deadline_s - elapsed_s, 1e-3)
+    capped = d.model_copy(update={"time_budget_s": left})
+    return cfg.model_copy(update={"compression": cfg.compression.model_copy(
+        update={"distillation": capped})})

@@ -162,7 +162,10 @@ class _Session:
             raise NotApplicable(
                 f"one distillation epoch would take ~{projected:.0f} s (projected from "
                 f"{PROBE_BATCHES} batches): over compression.distillation.time_budget_s "
-                f"= {self.s.time_budget_s:g} s")
+                f"= {self.s.time_budget_s:g} s" + (
+                    "" if self.s.run_deadline_s is None else
+                    f" (at most what was left of run_deadline_s = {self.s.run_deadline_s:g} s "
+                    "when the compress step began)"))
 
 
 def distill(teacher, tokenizer, texts: list[str], labels: list[int], s, *, max_length: int,

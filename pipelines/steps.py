@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 
 from pipelines.config import PipelineConfig
+from pipelines.config_compression import within_run_deadline
 from pipelines.data import Dataset, RawData
 from pipelines.evaluation import Evaluation, confusion_figure
 from pipelines.families.base import Family
@@ -192,7 +193,12 @@ def compress(run: RunInputs, data: Dataset, model: Any) -> Outcome:
     def evaluate(probs):
         return family.metrics(truth, probs, model, labels).metrics
 
-    outcome = compression.compress(run.cfg, data, model, family, evaluate)
+    cfg = within_run_deadline(run.cfg, time.perf_counter() - run.t0)
+    if cfg is not run.cfg:
+        log.info("distillation budget %.0f s: what is left of compression.distillation."
+                 "run_deadline_s = %g s", cfg.compression.distillation.time_budget_s,
+                 run.cfg.compression.distillation.run_deadline_s)
+    outcome = compression.compress(cfg, data, model, family, evaluate)
     log.info("variant chosen: %s", outcome.choice.reason)
     return outcome
 

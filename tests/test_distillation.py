@@ -8,7 +8,7 @@ import csv
 from types import SimpleNamespace
 
 import pytest
-from helpers import SST2
+from helpers import REPO, SST2
 
 from pipelines.config import DistillationConfig
 
@@ -152,3 +152,35 @@ def test_compressor_builds_distilled_and_its_int8_graph_from_one_student(teacher
     a, b = torch_v.clf.predict_proba(xs[:8]), int8.clf.predict_proba(xs[:8])
     assert a.shape == b.shape == (8, 2) and np.allclose(a.sum(1), 1, atol=1e-5)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75
+
+
+@pytest.mark.parametrize("deadline, elapsed, budget", [
+    (None, 500.0, 300.0),    # no deadline: the budget as written
+    (600.0, 200.0, 300.0),   # 400 s left: more than the budget, unchanged
+    (480.0, 330.0, 150.0),   # 150 s left: capped
+    (480.0, 479.0, 1.0),     # 1 s left
+    (480.0, 600.0, 1e-3),    # past it: a budget no epoch fits (the student is not made)
+])
+def test_the_run_deadline_caps_the_distillation_budget(deadline, elapsed, budget):
+    from pipelines.config import PipelineConfig
+    from pipelines.config_compression import within_run_deadline
+
+    base = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml")
+    d = DistillationConfig(time_budget_s=300, run_deadline_s=deadline)
+    cfg = base.model_copy(update={"compression": base.compression.model_copy(
+        update={"distillation": d})})
+    out = within_run_deadline(cfg, elapsed)
+    assert out.compression.distillation.time_budget_s == pytest.approx(budget)
+    assert (out is cfg) == (budget == 300.0)
+    assert out.compression.distillation.layers == cfg.compression.distillation.layers
+    assert cfg.compression.distillation.time_budget_s == 300.0  # the run's own config untouched
+
+
+def test_a_capped_budget_names_the_run_deadline(teacher, texts):
+    from pipelines.distillation import NotApplicable, distill
+
+    model, tok = teacher
+    xs, ys = texts
+    s = DistillationConfig(time_budget_s=1e-3, run_deadline_s=480)
+    with pytest.raises(NotApplicable, match=r"left of run_deadline_s = 480 s"):
+        distill(model, tok, xs * 4, ys * 4, s, max_length=32, seed=1, batch_size=8)
