@@ -198,7 +198,7 @@ def compress(run: RunInputs, data: Dataset, model: Any) -> Outcome:
         log.info("distillation budget %.0f s: what is left of compression.distillation."
                  "run_deadline_s = %g s", cfg.compression.distillation.time_budget_s,
                  run.cfg.compression.distillation.run_deadline_s)
-    outcome = compression.compress(cfg, data, model, family, evaluate)
+    outcome = compression.compress(cfg, data, model, family.configured(cfg), evaluate)
     log.info("variant chosen: %s", outcome.choice.reason)
     return outcome
 

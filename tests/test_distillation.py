@@ -176,6 +176,26 @@ def test_the_run_deadline_caps_the_distillation_budget(deadline, elapsed, budget
     assert cfg.compression.distillation.time_budget_s == 300.0  # the run's own config untouched
 
 
+def test_a_family_copy_reading_the_capped_config_distils_under_it(tmp_path):
+    """What steps.compress hands compression: a family copy reading the capped config. Its
+    compressor (which distils) sees the capped budget; the run's family and config stay."""
+    from types import SimpleNamespace as NS
+
+    from pipelines.config import PipelineConfig
+    from pipelines.config_compression import within_run_deadline
+    from pipelines.families import load_family
+
+    cfg = PipelineConfig.load(REPO / "pipelines" / "sentiment.yaml")
+    family = load_family(cfg)
+    capped = within_run_deadline(cfg, cfg.compression.distillation.run_deadline_s - 42.0)
+    assert capped.compression.distillation.time_budget_s == pytest.approx(42.0)
+    copy = family.configured(capped)
+    comp = copy.compressor(NS(model=None, tokenizer=None), None, tmp_path / "v")
+    assert comp.cfg.compression.distillation.time_budget_s == pytest.approx(42.0)
+    assert family.cfg is cfg and cfg.compression.distillation.time_budget_s == 300
+    assert family.configured(cfg) is family
+
+
 def test_a_capped_budget_names_the_run_deadline(teacher, texts):
     from pipelines.distillation import NotApplicable, distill
 

@@ -25,6 +25,7 @@ run summary) plus per-row predicted labels and confidences (drift, examples, con
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -142,6 +143,15 @@ class Family(ABC):
         self.cfg = cfg
         self.model_options = self.ModelOptions.model_validate(cfg.model.options)
         self.data_options = self.DataOptions.model_validate(cfg.data.options)
+
+    def configured(self, cfg: PipelineConfig) -> Family:
+        """This family, with its state, reading ``cfg`` instead (a shallow copy; ``self`` is
+        untouched): e.g. the compress step's settings for this run."""
+        if cfg is self.cfg:
+            return self
+        other = copy.copy(self)
+        other.cfg = cfg
+        return other
 
     # -- data ---------------------------------------------------------------------------------
     @abstractmethod
