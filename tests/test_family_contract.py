@@ -100,6 +100,7 @@ def test_a_family_outside_maas_is_named_by_import_path_only(toy):
     assert "ToyTabular" in (TOY / "family.py").read_text("utf-8")
 
 
+@pytest.mark.slow  # the module's `maas run` (and `bentoml serve`)
 def test_the_whole_path_runs_and_registers_the_family(toy, ran):
     mv, client = ran["mv"], ran["client"]
     tags = mv.tags
@@ -120,6 +121,7 @@ def test_the_whole_path_runs_and_registers_the_family(toy, ran):
     assert all("val_accuracy" in t.data.metrics for t in trials)  # per-epoch, nested runs
 
 
+@pytest.mark.slow  # the module's `maas run` (and `bentoml serve`)
 def test_the_run_leaves_the_users_folder_as_it_found_it(toy, ran):
     """Apart from its stores (mlflow.db, optuna.db, MLflow's artifacts) and the drafted suite:
     no lock files, no data-docs folder (the gate passed)."""
@@ -130,6 +132,7 @@ def test_the_run_leaves_the_users_folder_as_it_found_it(toy, ran):
         sorted(new)
 
 
+@pytest.mark.slow  # the module's `maas run` (and `bentoml serve`)
 def test_the_bento_serves_the_family_over_http(toy, ran):
     from bentos.server import serve_bento
 
@@ -147,6 +150,7 @@ def test_the_bento_serves_the_family_over_http(toy, ran):
         assert bad.status_code == 400
 
 
+@pytest.mark.slow  # the module's `maas run` (and `bentoml serve`)
 def test_the_registered_model_loads_in_a_fresh_process(toy, ran):
     code = ("import mlflow, pandas as pd; m = mlflow.pyfunc.load_model("
             "'models:/toy-contract@champion'); "

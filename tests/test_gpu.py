@@ -203,6 +203,7 @@ def test_gpu_wheelhouse_brings_what_the_gpu_machine_lacks_and_nothing_it_has():
     assert all(n in pins for n in need), [n for n in need if n not in pins]
 
 
+@pytest.mark.slow  # registers a model and builds its bento in a subprocess
 def test_gpu_serving_without_cuda_builds_the_bento_and_exits_2(tmp_path):
     out = tmp_path / "gpu-serving.json"
     ckpt = tmp_path / "ckpt"  # config + tokenizer only, as the GPU machine gets it
