@@ -30,7 +30,6 @@ which image (its position and file name). Pickle bodies are refused (415) on eve
 """
 
 import importlib.util
-import json
 import logging
 import sys
 import time
@@ -51,19 +50,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 
-def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
-    config: dict[str, Any] = {"model_tag": None, "settings": dict(DEFAULT_SETTINGS),
-                              "mlflow": {}, "labels": [], "variant": {}}
-    if path.is_file():
-        data = json.loads(path.read_text("utf-8"))
-        config["model_tag"] = data.get("model_tag")
-        config["settings"].update({k: v for k, v in (data.get("settings") or {}).items()
-                                   if v is not None or k not in DEFAULT_SETTINGS})
-        for key in ("mlflow", "labels", "variant"):
-            config[key] = data.get(key) or config[key]
-    return config
-
-
 def _load_module(stem: str) -> Any:
     """``<stem>.py`` from this file's folder (the bento's ``src/``), cached per service module."""
     name = f"{__name__}_{stem}"
@@ -76,7 +62,10 @@ def _load_module(stem: str) -> Any:
     return sys.modules[name]
 
 
-CONFIG = load_config()
+#: GET /metadata, GET /card, the bento config and service options (maas_http.py, shared by
+#: every MaaS service)
+http = _load_module("maas_http")
+CONFIG = http.read_config(CONFIG_PATH, DEFAULT_SETTINGS)
 SETTINGS = CONFIG["settings"]
 MODEL_TAG: str | None = CONFIG["model_tag"]
 MAX_BATCH_SIZE = int(SETTINGS["max_batch_size"])
@@ -138,28 +127,16 @@ class Prediction(BaseModel):
 Predictions = Annotated[list[Prediction], bentoml.validators.ContentType("application/json")]
 
 
-#: GET /metadata and GET /card (maas_http.py, shared by every MaaS service)
-http = _load_module("maas_http")
-
-
 @bentoml.asgi_app(http.metadata_app(_RUNTIME, Path(__file__).parent), path="/",
                   name="maas_metadata")
-@bentoml.service(
-    name=SERVICE_NAME,
-    resources={"gpu": 1} if HAS_GPU else {"cpu": str(THREADS * WORKERS)},
-    traffic={"timeout": float(SETTINGS["timeout"]),
-             "max_concurrency": int(SETTINGS["max_concurrency"])},
-    workers=WORKERS,
-    logging={"access": {"enabled": bool(SETTINGS.get("access_log", True))}},
-)
+@bentoml.service(**http.service_options(SERVICE_NAME, SETTINGS, THREADS, WORKERS, HAS_GPU))
 class ImageClassifier:
     if MODEL_TAG:
         model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         if not MODEL_TAG:
-            raise RuntimeError(f"no model configured ({CONFIG_PATH.name} missing): build the "
-                               "bento with bentos.build_bento(...)")
+            raise http.no_model(CONFIG_PATH)
         stored = self.model
         meta = runtimes.read_meta(stored.path)
         self.runtime = runtimes.load_runtime(stored.path, nets, SETTINGS, THREADS)

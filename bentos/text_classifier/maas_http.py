@@ -6,7 +6,9 @@ embedder service folders link to this file); it imports nothing from the ``bento
 ``/metadata`` answers what the service instance put in its ``state["metadata"]`` (503 before it
 is ready); ``/card`` the model card written at build time (Markdown, or ``?format=json``; 404 in a
 bento built without one), with the serving bento's tag added. ``RequestGuardMiddleware``: the
-checks every text service makes before BentoML reads a body.
+checks every text service makes before BentoML reads a body. ``read_config`` and
+``service_options``: the bento's ``bento_config.json`` and the ``@bentoml.service`` arguments every
+MaaS service derives from it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+
+def read_config(path: Path, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``bento_config.json`` (written by ``bentos.build``): model tag, settings over the
+    service's ``defaults`` (a null setting keeps its default), MLflow lineage, the served
+    variant, and whatever else the build wrote (labels, machine check). Without the file
+    (importing the service outside a bento) the defaults and no model."""
+    config: dict[str, Any] = {"model_tag": None, "settings": dict(defaults), "mlflow": {},
+                              "variant": {}, "labels": [], "machine_check": {}}
+    if path.is_file():
+        data = json.loads(path.read_text("utf-8"))
+        config["settings"].update({k: v for k, v in (data.pop("settings", None) or {}).items()
+                                   if v is not None or k not in defaults})
+        config.update({k: v for k, v in data.items() if v or k not in config})
+    return config
+
+
+def service_options(name: str, settings: dict[str, Any], threads: int, workers: int,
+                    has_gpu: bool) -> dict[str, Any]:
+    """The ``@bentoml.service`` arguments of a MaaS service: resources, traffic limits,
+    workers, access log."""
+    return {
+        "name": name,
+        "resources": {"gpu": 1} if has_gpu else {"cpu": str(threads * workers)},
+        "traffic": {"timeout": float(settings["timeout"]),
+                    "max_concurrency": int(settings["max_concurrency"])},
+        "workers": workers,
+        "logging": {"access": {"enabled": bool(settings.get("access_log", True))}},
+    }
+
+
+def no_model(config_path: Path) -> RuntimeError:
+    """The error of a service started without a built bento's config."""
+    return RuntimeError(f"no model configured ({config_path.name} missing): build the bento "
+                        "with bentos.build_bento(...)")
 
 
 def bento_tag() -> str:

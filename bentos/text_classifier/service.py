@@ -32,7 +32,6 @@ bodies larger than the limits allow are refused with 413 before they are read
 """
 
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -53,18 +52,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "service_name": None, "max_tokens": None, "torch_threads": None, "variant": None,
     "forward_batch_size": None, "access_log": True, "body_timeout_s": 5.0,
 }
-def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
-    config: dict[str, Any] = {"model_tag": None, "settings": dict(DEFAULT_SETTINGS),
-                              "mlflow": {}, "labels": [], "variant": {}}
-    if path.is_file():
-        data = json.loads(path.read_text("utf-8"))
-        config["model_tag"] = data.get("model_tag")
-        config["settings"].update(data.get("settings") or {})
-        config["mlflow"] = data.get("mlflow") or {}
-        config["labels"] = data.get("labels") or []
-        config["variant"] = data.get("variant") or {}
-        config["machine_check"] = data.get("machine_check") or {}
-    return config
 
 
 def _load_runtime_module(stem: str = "maas_runtime") -> Any:
@@ -80,7 +67,10 @@ def _load_runtime_module(stem: str = "maas_runtime") -> Any:
     return sys.modules[name]
 
 
-CONFIG = load_config()
+#: GET /metadata, GET /card, the bento config and service options (maas_http.py, shared by
+#: every MaaS service)
+http = _load_runtime_module("maas_http")
+CONFIG = http.read_config(CONFIG_PATH, DEFAULT_SETTINGS)
 SETTINGS = CONFIG["settings"]
 MODEL_TAG: str | None = CONFIG["model_tag"]
 MAX_TEXTS = int(SETTINGS["max_texts"])
@@ -151,8 +141,6 @@ class Prediction(BaseModel):
 Predictions = Annotated[list[Prediction], bentoml.validators.ContentType("application/json")]
 
 
-
-
 def _batch_histogram() -> Any:
     """The ``maas_classify_batch_texts`` histogram, created when a service instance starts (not at
     import: a process that imports this file twice, e.g. two builds, would register it twice)."""
@@ -185,28 +173,16 @@ def _served_runtime(model_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any
 _RUNTIME: dict[str, Any] = {}
 
 
-#: GET /metadata and GET /card (maas_http.py, shared by every MaaS service)
-http = _load_runtime_module("maas_http")
-
-
 @bentoml.asgi_app(http.metadata_app(_RUNTIME, Path(__file__).parent), path="/",
                   name="maas_metadata")
-@bentoml.service(
-    name=SERVICE_NAME,
-    resources={"gpu": 1} if HAS_GPU else {"cpu": str(THREADS * WORKERS)},
-    traffic={"timeout": float(SETTINGS["timeout"]),
-             "max_concurrency": int(SETTINGS["max_concurrency"])},
-    workers=WORKERS,
-    logging={"access": {"enabled": bool(SETTINGS.get("access_log", True))}},
-)
+@bentoml.service(**http.service_options(SERVICE_NAME, SETTINGS, THREADS, WORKERS, HAS_GPU))
 class TextClassifier:
     if MODEL_TAG:
         model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         if not MODEL_TAG:
-            raise RuntimeError(f"no model configured ({CONFIG_PATH.name} missing): build the "
-                               "bento with bentos.build_bento(...)")
+            raise http.no_model(CONFIG_PATH)
         stored = self.model  # the resolved BentoML model behind the BentoModel reference
         self.runtime, self.variant, self.machine_check = _served_runtime(Path(stored.path))
         self.labels = self.runtime.labels

@@ -22,7 +22,6 @@ Endpoints:
 
 import base64
 import importlib.util
-import json
 import logging
 import sys
 from pathlib import Path
@@ -42,18 +41,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 
-def load_config(path: Path = CONFIG_PATH) -> dict[str, Any]:
-    config: dict[str, Any] = {"model_tag": None, "settings": dict(DEFAULT_SETTINGS),
-                              "mlflow": {}, "variant": {}}
-    if path.is_file():
-        data = json.loads(path.read_text("utf-8"))
-        config["model_tag"] = data.get("model_tag")
-        config["settings"].update(data.get("settings") or {})
-        config["mlflow"] = data.get("mlflow") or {}
-        config["variant"] = data.get("variant") or {}
-    return config
-
-
 def _sibling(stem: str) -> Any:
     """``<stem>.py`` from this file's folder (the bento's ``src/``), cached per service."""
     name = f"{__name__}_{stem}"
@@ -66,7 +53,10 @@ def _sibling(stem: str) -> Any:
     return sys.modules[name]
 
 
-CONFIG = load_config()
+#: GET /metadata, GET /card, the bento config and service options (maas_http.py, shared by
+#: every MaaS service)
+http = _sibling("maas_http")
+CONFIG = http.read_config(CONFIG_PATH, DEFAULT_SETTINGS)
 SETTINGS = CONFIG["settings"]
 MODEL_TAG: str | None = CONFIG["model_tag"]
 MAX_TEXTS, MAX_CHARS = int(SETTINGS["max_texts"]), int(SETTINGS["max_chars"])
@@ -113,28 +103,16 @@ Answer = Annotated[dict[str, Any], bentoml.validators.ContentType("application/j
 _RUNTIME: dict[str, Any] = {}  # filled by the service instance; read by GET /metadata
 
 
-#: GET /metadata and GET /card (maas_http.py, shared by every MaaS service)
-http = _sibling("maas_http")
-
-
 @bentoml.asgi_app(http.metadata_app(_RUNTIME, Path(__file__).parent), path="/",
                   name="maas_metadata")
-@bentoml.service(
-    name=SERVICE_NAME,
-    resources={"gpu": 1} if HAS_GPU else {"cpu": str(THREADS * WORKERS)},
-    traffic={"timeout": float(SETTINGS["timeout"]),
-             "max_concurrency": int(SETTINGS["max_concurrency"])},
-    workers=WORKERS,
-    logging={"access": {"enabled": bool(SETTINGS.get("access_log", True))}},
-)
+@bentoml.service(**http.service_options(SERVICE_NAME, SETTINGS, THREADS, WORKERS, HAS_GPU))
 class TextEmbedder:
     if MODEL_TAG:
         model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         if not MODEL_TAG:
-            raise RuntimeError(f"no model configured ({CONFIG_PATH.name} missing): build the "
-                               "bento with bentos.build_bento(...)")
+            raise http.no_model(CONFIG_PATH)
         stored = self.model
         self.runtime = runtimes.load_runtime(VARIANT, Path(stored.path), SETTINGS, THREADS)
         mlflow_info = CONFIG["mlflow"]
