@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
-import os
 
 import httpx
 import numpy as np
@@ -53,9 +52,8 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("image-serve")
     path = work / "digits-test.yaml"
     path.write_text(yaml.safe_dump(_pipeline(work)), "utf-8")
-    saved = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = str(work / "bentoml")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # BENTOML_HOME put back afterwards
+        mp.setenv("BENTOML_HOME", str(work / "bentoml"))
         cfg = PipelineConfig.load(path)
         result = run_pipeline(cfg)
         assert str(result.champion_version) == "1" and result.bento_tag, result
@@ -63,9 +61,6 @@ def server(tmp_path_factory):
         family = load_family(cfg)
         model = family.load_logged("models:/digits-test@champion")
         rows = family.read(DIGITS / "test", "test_path")
-    finally:
-        os.environ.pop("BENTOML_HOME") if saved is None else os.environ.update(
-            BENTOML_HOME=saved)
     rows = rows[rows.path.isin([str(p.resolve()) for p in SAMPLES])]
     probs = family.predict_proba(model, family.inputs(rows))
     by_path = dict(zip(rows.path, np.array(model.labels)[probs.argmax(axis=1)], strict=True))

@@ -194,13 +194,9 @@ def _train_own(out: Path) -> None:
     raw["bento"] = {"enabled": True, "workers": 1, "max_batch_size": 8, "torch_threads": 1}
     path = out / "pipe.yaml"
     path.write_text(yaml.safe_dump(raw), "utf-8")
-    saved = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = str(out / "bentoml")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # BENTOML_HOME put back afterwards
+        mp.setenv("BENTOML_HOME", str(out / "bentoml"))
         result = run_pipeline(PipelineConfig.load(path))
-    finally:
-        os.environ.pop("BENTOML_HOME") if saved is None else os.environ.update(
-            BENTOML_HOME=saved)
     sha = hashlib.sha256((user / "tiny.py").read_bytes()).hexdigest()
     for f in user.iterdir():  # the user's folder is gone: the model must carry its source
         f.unlink()

@@ -6,7 +6,6 @@ of bad bodies gets the status it should, and the server keeps answering."""
 from __future__ import annotations
 
 import base64
-import os
 
 import httpx
 import numpy as np
@@ -35,17 +34,13 @@ def server(tmp_path_factory):
     raw["tuning"]["fixed"]["epochs"] = 0  # the encoder as it is
     path = work / "embed-test.yaml"
     path.write_text(yaml.safe_dump(raw), "utf-8")
-    saved = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = str(work / "bentoml")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # BENTOML_HOME put back afterwards
+        mp.setenv("BENTOML_HOME", str(work / "bentoml"))
         cfg = PipelineConfig.load(path)
         result = run_pipeline(cfg)
         assert str(result.champion_version) == "1" and result.bento_tag, result
         family = load_family(cfg)
         expected = family.predict_proba(family.load_logged("models:/embed-test@champion"), TEXTS)
-    finally:
-        os.environ.pop("BENTOML_HOME") if saved is None else os.environ.update(
-            BENTOML_HOME=saved)
     with serve_bento(result.bento_tag, bentoml_home=work / "bentoml",
                      log_path=work / "server.log") as running:
         meta = httpx.get(f"{running.url}/metadata", timeout=10).json()

@@ -300,15 +300,9 @@ def serving_requirements() -> list[str]:
 
     Given explicitly: MLflow's inference imports every candidate package (and trips over optional
     ones such as torchvision that are not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from bentos.runtimes import pinned
 
-    pins = []
-    for pkg in ("mlflow", "torch", "transformers", "tokenizers", "safetensors"):
-        try:
-            pins.append(f"{pkg}=={version(pkg).split('+', 1)[0]}")  # drop +cpu / +cu12x
-        except PackageNotFoundError:
-            pass
-    return pins
+    return pinned(("mlflow", "torch", "transformers", "tokenizers", "safetensors"))
 
 
 def load_logged(model_uri: str):

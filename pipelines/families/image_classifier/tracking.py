@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bentos.runtimes import pinned
 from pipelines.families.image_classifier.model import WEIGHTS_FILE, ImageModel, load, save
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -35,18 +36,6 @@ def placeholder(model: ImageModel, n: int = 1) -> np.ndarray:
     """A synthetic input batch (mid-grey images): the input example when no data may be logged."""
     s = model.image_size
     return np.full((n, model.channels, s, s), 0.5, dtype=np.float32)
-
-
-def requirements(packages: tuple[str, ...]) -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for pkg in packages:
-        try:
-            pins.append(f"{pkg}=={version(pkg).split('+', 1)[0]}")
-        except PackageNotFoundError:
-            pass
-    return pins
 
 
 def log_model(model: ImageModel, name: str, input_example: np.ndarray | None = None) -> Any:
@@ -73,7 +62,7 @@ def log_model(model: ImageModel, name: str, input_example: np.ndarray | None = N
             name=name, python_model=str(PYFUNC_CODE),
             artifacts={"weights": str(weights), "nets": maas_nets.__file__, "meta": str(meta)},
             signature=signature, input_example=example,
-            pip_requirements=requirements(("mlflow", "torch", "safetensors", "numpy", "pandas")),
+            pip_requirements=pinned(("mlflow", "torch", "safetensors", "numpy", "pandas")),
             metadata={"labels": model.labels, "maas_image": serving_meta(model)})
 
 
@@ -111,6 +100,6 @@ def log_onnx(onnx_file: Path, meta: dict[str, Any], name: str = "model") -> str:
         info = mlflow.onnx.log_model(
             onnx_model=onnx.load(str(onnx_file)), name=name, signature=sig,
             save_as_external_data=False, extra_files=[str(extra)],
-            pip_requirements=requirements(("mlflow", "onnx", "onnxruntime", "numpy")),
+            pip_requirements=pinned(("mlflow", "onnx", "onnxruntime", "numpy")),
             metadata={"maas_variant": meta["variant"], "labels": meta["labels"]})
     return info.model_uri

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from bentos.runtimes import pinned
 from pipelines.families.text_embedder.model import SETTINGS_FILE, EmbedModel, load, save
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -26,18 +27,6 @@ OUTPUT_NAME = "embeddings"
 
 def output_names(dim: int) -> list[str]:
     return [f"dim_{i}" for i in range(dim)]
-
-
-def requirements(packages: tuple[str, ...]) -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for pkg in packages:
-        try:
-            pins.append(f"{pkg}=={version(pkg).split('+', 1)[0]}")
-        except PackageNotFoundError:
-            pass
-    return pins
 
 
 def signature(dim: int):
@@ -61,7 +50,7 @@ def log_model(model: EmbedModel, name: str, input_example: list[str] | None = No
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(PYFUNC_CODE), artifacts={"encoder": str(folder)},
             signature=signature(model.dim), input_example=example,
-            pip_requirements=requirements(("mlflow", "torch", "transformers", "tokenizers",
+            pip_requirements=pinned(("mlflow", "torch", "transformers", "tokenizers",
                                            "safetensors", "numpy", "pandas")),
             metadata={"labels": output_names(model.dim), "maas_embedder": model.settings()})
 
@@ -99,7 +88,7 @@ def log_onnx(onnx_file: Path, model: EmbedModel, variant: str, inputs: list[str]
         info = mlflow.onnx.log_model(
             onnx_model=onnx.load(str(onnx_file)), name="model", signature=sig,
             save_as_external_data=False, extra_files=extra,
-            pip_requirements=requirements(("mlflow", "onnx", "onnxruntime", "tokenizers",
+            pip_requirements=pinned(("mlflow", "onnx", "onnxruntime", "tokenizers",
                                            "numpy")),
             metadata={"maas_variant": variant, "labels": meta["labels"],
                       "maas_embedder": model.settings()})
