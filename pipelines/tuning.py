@@ -194,8 +194,7 @@ class Objective:
                 trial.set_user_attr("checkpoint", CHECKPOINT_ARTIFACT)
             return value
         finally:
-            del trainer
-            gc.collect()
+            del trainer  # run_study collects its cycles after the trial
 
     def _is_best(self, study: optuna.Study, value: float) -> bool:
         done = [t.value for t in study.get_trials(deepcopy=False,
@@ -234,6 +233,10 @@ def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_
     deadline = time.monotonic() + timeout_s if timeout_s else None
     bar = progress(total=n_trials, desc=f"study {study.study_name[:40]}", unit="trial",
                    enabled=show_progress_bar)
+    # what exists before the study (imported libraries, the data) is frozen out of the garbage
+    # collector's scans: the collection after each trial (frees the trainer's cycles, its model
+    # and optimizer state) then scans what the trial made, not the whole heap (0.4-0.8 s a call)
+    gc.freeze()
     try:
         while True:
             if _compat.heartbeat_interval(storage):
@@ -262,6 +265,7 @@ def run_study(study: optuna.Study, objective: Objective, n_trials: int, storage_
                 _run_trial(study, trial, objective)
             gc.collect()
     finally:
+        gc.unfreeze()
         bar.close()
 
 

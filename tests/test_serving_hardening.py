@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import select
+import signal
 import socket
 import threading
 import time
@@ -49,6 +50,10 @@ def _use_store(use_module_store):
 def server(store):
     with serve_registered(store, MODEL_NAME, SETTINGS, "server-hardening.log") as srv:
         yield srv
+    # after stalled, oversized and abandoned bodies the server still stops on SIGTERM (a request
+    # left in flight made `bentoml serve` wait until it was killed)
+    assert srv.process.returncode != -signal.SIGKILL, \
+        "bentoml serve ignored SIGTERM and was killed:\n" + srv.log()[-3000:]
 
 
 # -- raw-socket helpers ----------------------------------------------------------------------
@@ -171,8 +176,9 @@ def test_guard_middleware_unit():
     start = time.monotonic()
     assert _drive([part], headers=[(b"content-length", b"100")], stall=True) == ([408], None)
     assert time.monotonic() - start < 2.0
-    # disconnect mid-body: nothing is sent, no exception
-    assert _drive([part], headers=[(b"content-length", b"100")]) == ([], None)
+    # disconnect mid-body: no exception, the app never runs, and the response is completed
+    # (499) for the middlewares around the guard, or they count the request in flight for ever
+    assert _drive([part], headers=[(b"content-length", b"100")]) == ([499], None)
 
 
 # -- (a) stalled bodies ----------------------------------------------------------------------

@@ -10,8 +10,9 @@ package).
 - counting the bytes of every ``http.request`` message, so chunked bodies are bounded too: as soon
   as more than ``max_bytes`` arrived it answers 413 and closes the connection without reading the
   rest;
-- a client that disconnects while sending is a quiet close (no response, one info log line), not
-  an exception that BentoML would log with a traceback and count as HTTP 500.
+- a client that disconnects while sending is a quiet close (one info log line and a 499 that
+  only the middlewares see, which completes the request for them), not an exception that
+  BentoML would log with a traceback and count as HTTP 500.
 
 The app then gets the complete body as one message, never a truncated one. Neither uvicorn
 (no body-read timeout; ``--limit-concurrency`` counts connections), Starlette nor BentoML 1.4
@@ -90,6 +91,10 @@ class BodyGuardMiddleware:
         except _Disconnected:
             logger.info("%s %s: client disconnected while sending the request body (499)",
                         scope.get("method"), scope.get("path"))
+            # nobody reads it (the server drops writes to a closed connection), but it completes
+            # the response for the middlewares around this one: without it BentoML counts the
+            # request as in flight for ever and `bentoml serve` ignores SIGTERM
+            await _send_refusal(send, 499, "client closed the connection")
             return
         await self.app(scope, _replay(body, receive), send)
 
