@@ -237,7 +237,10 @@ def tracking_server(tmp_path_factory) -> Iterator[Server]:
 def auth_server(tmp_path_factory) -> Iterator[Server]:
     """The basic-auth app: own admin password (``helpers.ADMIN_PASSWORD``),
     default_permission NO_PERMISSIONS, auth DB in SQLite beside the server; tracking data on a
-    fresh PostgreSQL database."""
+    fresh PostgreSQL database. MLflow's credential cache is on (docs/scale-out.md): without it
+    every request checks a scrypt hash, and the registry test spent ~50 s of server CPU on
+    that; permissions are never cached, and a password never accepted before its rotation is
+    refused at once with or without it."""
     import importlib.util
 
     if importlib.util.find_spec("flask_wtf") is None:
@@ -252,6 +255,7 @@ def auth_server(tmp_path_factory) -> Iterator[Server]:
         admin_username = admin
         admin_password = {ADMIN_PASSWORD}
         authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+        auth_cache_ttl_seconds = 300
         """))
     with (fresh_pg_database("maas_srv") as backend,
           mlflow_server(folder, backend, auth_config=config) as srv):

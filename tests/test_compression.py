@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import SST2, write_pipeline
+from helpers import SST2, fresh_mlflow_db, write_pipeline
 from mlflow import MlflowClient
 
 from pipelines.cli import main
@@ -33,15 +33,34 @@ def run_pipeline(tmp_path, checkpoint, **compression):
     return res
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_checkpoint, mlflow_db_template):
+    """One run with every variant, in a store of its own, shared by the tests that only read
+    it (tests/conftest.py's ``use_module_store`` points each of them at it)."""
+    root = tmp_path_factory.mktemp("compression")
+    uri = fresh_mlflow_db(mlflow_db_template, root / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("BENTOML_HOME", str(root / "bentoml"))
+        mlflow.set_tracking_uri(uri)
+        res = run_pipeline(root, tiny_checkpoint)
+    return {"root": root, "uri": uri, "home": root / "bentoml", "output": res.output}
+
+
+@pytest.fixture(autouse=True)
+def _use_store(use_module_store):
+    """Point each test that asks for ``store`` at it (other modules' fixtures move the
+    globals)."""
+
+
 def variant_runs(client) -> dict:
     exp = client.get_experiment_by_name("tiny")
     runs = client.search_runs([exp.experiment_id], "tags.`maas.role` = 'variant'")
     return {r.data.tags["maas.variant"]: r for r in runs}
 
 
-def test_variants_are_child_runs_and_the_version_carries_the_choice(mlflow_store, tmp_path,
-                                                                    tiny_checkpoint):
-    res = run_pipeline(tmp_path, tiny_checkpoint)
+def test_variants_are_child_runs_and_the_version_carries_the_choice(store):
     client = MlflowClient()
     runs = variant_runs(client)
     assert set(runs) == {"fp32", *VARIANTS}
@@ -56,7 +75,7 @@ def test_variants_are_child_runs_and_the_version_carries_the_choice(mlflow_store
     assert set(table) == {"fp32", *VARIANTS}
     expected = choose_variant(table, "accuracy", 0.01)
     assert mv.tags["maas.variant"] == expected.chosen
-    assert f"variant           {expected.chosen}" in res.output
+    assert f"variant           {expected.chosen}" in store["output"]
     assert table["fp32"]["model_uri"] == mv.tags["maas.model_uri"]
     onnx = table["onnx"]
     assert onnx["metric"] == "accuracy" and onnx["metric_value"] == onnx["accuracy"]
@@ -80,8 +99,7 @@ def test_variants_are_child_runs_and_the_version_carries_the_choice(mlflow_store
     assert doc["speedup_vs_fp32"] == pytest.approx(expected.speedup, rel=1e-3)  # tag: rounded
 
 
-def test_onnx_variant_model_matches_fp32(mlflow_store, tmp_path, tiny_checkpoint):
-    run_pipeline(tmp_path, tiny_checkpoint, variants=["onnx", "onnx-int8"])
+def test_onnx_variant_model_matches_fp32(store):
     from pipelines.families.text_classifier import load_logged, predict_proba
     from pipelines.onnx_variants import OrtClassifier
 

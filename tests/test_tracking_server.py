@@ -194,7 +194,8 @@ def test_auth_user_drives_registry_other_user_kept_out(auth_server, tmp_path):
         admin = get_app_client("basic-auth", tracking_uri=srv.url)
         admin.create_user(alice, alice_pw)
         admin.create_user(bob, bob_pw)
-        # rotate bob's password: the old one stops working
+        # rotate bob's password: the old one stops working (it was never accepted before, so
+        # no server worker's credential cache holds it)
         new_bob_pw = uuid.uuid4().hex
         admin.update_user_password(bob, new_bob_pw)
     assert request(srv, "GET", "/api/2.0/mlflow/experiments/search?max_results=1",
