@@ -8,47 +8,41 @@ helpers, :class:`RegistryError`), :mod:`registry.history` for the champion alias
 cards, :mod:`registry.gate` for the pure gates (challenger vs champion, which variant to serve) and
 :mod:`registry.locks` for the database locks (by URL and key) that promotion and the pipelines
 take.
+
+The names below are loaded on first use (PEP 562): ``import registry.locks`` (what a lock-taking
+process or ``maas --help`` needs) does not import MLflow.
 """
 
-from registry.aliases import promote, rollback
-from registry.card import card_json, render_card
-from registry.card_store import attach_card, current_card, live_facts, load_card
-from registry.gate import (
-    REFERENCE_VARIANT,
-    Decision,
-    VariantChoice,
-    choose_variant,
-    should_promote,
-    with_drift,
-)
-from registry.history import format_history, history
-from registry.queries import champion, describe, format_table
-from registry.registration import register
-from registry.tags import CHALLENGER, CHAMPION
-from registry.versions import RegistryError
+from __future__ import annotations
 
-__all__ = [
-    "CHALLENGER",
-    "CHAMPION",
-    "REFERENCE_VARIANT",
-    "Decision",
-    "RegistryError",
-    "VariantChoice",
-    "attach_card",
-    "card_json",
-    "champion",
-    "choose_variant",
-    "current_card",
-    "describe",
-    "format_history",
-    "format_table",
-    "history",
-    "live_facts",
-    "load_card",
-    "promote",
-    "register",
-    "render_card",
-    "rollback",
-    "should_promote",
-    "with_drift",
-]
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it
+_HOME = {
+    "promote": "aliases", "rollback": "aliases",
+    "card_json": "card", "render_card": "card",
+    "attach_card": "card_store", "current_card": "card_store", "live_facts": "card_store",
+    "load_card": "card_store",
+    "REFERENCE_VARIANT": "gate", "Decision": "gate", "VariantChoice": "gate",
+    "choose_variant": "gate", "should_promote": "gate", "with_drift": "gate",
+    "format_history": "history", "history": "history",
+    "champion": "queries", "describe": "queries", "format_table": "queries",
+    "register": "registration",
+    "CHALLENGER": "tags", "CHAMPION": "tags",
+    "RegistryError": "versions",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'registry' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"registry.{_HOME[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})

@@ -67,3 +67,17 @@ def test_a_crossing_import_breaks_a_contract(tree_copy, module, line, broken):
     assert "1 broken" in proc.stdout, proc.stdout
     broken_section = proc.stdout.split("Broken contracts", 1)[-1]
     assert broken in broken_section, proc.stdout
+
+
+def test_the_cli_and_a_lock_import_no_heavy_library():
+    """``maas --help`` and a lock-taking process (``registry.locks``) start in a fraction of a
+    second: the registry's public names load on first use, and the CLI imports each command's
+    machinery when it runs."""
+    probe = ("import sys, registry.locks, pipelines.cli, registry\n"
+             "heavy = sorted(m for m in ('mlflow', 'torch', 'transformers', 'great_expectations',"
+             " 'bentoml', 'optuna', 'pandas') if m in sys.modules)\n"
+             "assert not heavy, heavy\n"
+             "assert callable(registry.promote) and 'mlflow' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
