@@ -3,7 +3,7 @@
 One job per module: :mod:`registry.tags` (the tag layout kept on each model version),
 :mod:`registry.registration` (``register``), :mod:`registry.aliases` (``promote``, ``rollback``),
 :mod:`registry.queries` (``champion``, ``describe``), :mod:`registry.versions` (shared client
-helpers, :class:`RegistryError`), :mod:`registry.history` for the champion alias history,
+helpers, :class:`RegistryError`), :mod:`registry.alias_history` for the champion alias history,
 :mod:`registry.card` (pure rendering) and :mod:`registry.card_store` (attach / load) for model
 cards, :mod:`registry.gate` for the pure gates (challenger vs champion, which variant to serve) and
 :mod:`registry.locks` for the database locks (by URL and key) that promotion and the pipelines
@@ -26,7 +26,7 @@ _HOME = {
     "load_card": "card_store",
     "REFERENCE_VARIANT": "gate", "Decision": "gate", "VariantChoice": "gate",
     "choose_variant": "gate", "should_promote": "gate", "with_drift": "gate",
-    "format_history": "history", "history": "history",
+    "format_history": "alias_history", "history": "alias_history",
     "champion": "queries", "describe": "queries", "format_table": "queries",
     "register": "registration",
     "CHALLENGER": "tags", "CHAMPION": "tags",

@@ -12,6 +12,7 @@ from typing import Any
 
 import mlflow
 
+from registry.alias_history import history
 from registry.card import (
     CARD_JSON,
     CARD_MD,
@@ -21,7 +22,6 @@ from registry.card import (
     card_json,
     render_card,
 )
-from registry.history import history
 
 logger = logging.getLogger(__name__)
 

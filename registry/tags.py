@@ -26,7 +26,7 @@ tags (all values are strings):
 ``maas.decision.*``                    the gate's :class:`Decision` (see ``Decision.to_tags``)
 ``maas.promotion_attempt.<ts>-<pid>-<r>``  one JSON record per ``promote`` call on the version
 ``maas.rollback.<ts>-<pid>-<r>``       one JSON record per ``rollback`` onto the version (at,
-                                       actor, from, to); ``registry.history`` reads these and
+                                       actor, from, to); ``registry.alias_history`` reads these and
                                        the attempts
 ``maas.superseded_by``                 a concurrent promotion won the alias right after this one
 ``maas.variant`` / ``maas.variants``    the compression variant to serve and the variant table
@@ -34,7 +34,7 @@ tags (all values are strings):
 =====================================  ===========================================================
 
 Who writes them: :mod:`registry.registration` (``register``), :mod:`registry.aliases`
-(``promote`` / ``rollback``); :mod:`registry.queries` and :mod:`registry.history` read them.
+(``promote`` / ``rollback``); :mod:`registry.queries` and :mod:`registry.alias_history` read them.
 """
 
 from __future__ import annotations

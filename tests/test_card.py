@@ -17,8 +17,8 @@ from helpers import SST2, mlflow_server, request, write_pipeline
 from mlflow import MlflowClient
 
 from pipelines.cli import DEFAULT_PIPELINE, main
+from registry.alias_history import format_history
 from registry.card import DESCRIPTION_MAX, card_json, render_card
-from registry.history import format_history
 
 MODEL = "tiny-sentiment"
 DEFAULT_CARD = yaml.safe_load(DEFAULT_PIPELINE.read_text())["card"]

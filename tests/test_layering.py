@@ -81,3 +81,18 @@ def test_the_cli_and_a_lock_import_no_heavy_library():
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_public_registry_name_survives_its_modules_being_imported_first():
+    """No public name of ``registry`` is shadowed by a submodule of the same name (importing a
+    submodule sets it as an attribute of the package)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import registry
+
+    for mod in pkgutil.iter_modules(registry.__path__):
+        importlib.import_module(f"registry.{mod.name}")
+    shadowed = [n for n in registry.__all__ if isinstance(getattr(registry, n), types.ModuleType)]
+    assert not shadowed, shadowed
