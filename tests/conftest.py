@@ -50,11 +50,27 @@ PG_FIXTURES = frozenset({"pg_database", "pg_factory", "pg_url", "tracking_server
                          "auth_server"})
 
 
+def _longest_modules_first(items: list) -> None:
+    """Order the modules by their seconds in tests/durations.json, longest first (a module's own
+    order kept): pytest-xdist (``--no-loadscope-reorder``) hands them out in this order, so a
+    long module does not start last on one worker while the other sits idle. Refresh the file
+    with scripts/test_durations.py; a module missing from it goes last."""
+    import json
+
+    seconds = json.loads((Path(__file__).with_name("durations.json")).read_text())
+    rank = {}
+    for item in items:
+        rank.setdefault(item.path.name, len(rank))
+    items.sort(key=lambda item: (-seconds.get(item.path.name, 0.0), rank[item.path.name]))
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items) -> None:
     """Markers applied from what a test uses: ``postgres`` on every test that takes a
     PostgreSQL fixture (so ``-m "not postgres"`` deselects exactly those), and ``gpu`` tests
-    skipped on a machine without CUDA (torch is only asked when a ``gpu`` test is selected)."""
+    skipped on a machine without CUDA (torch is only asked when a ``gpu`` test is selected).
+    Then the modules longest first (:func:`_longest_modules_first`)."""
+    _longest_modules_first(items)
     for item in items:
         if PG_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.postgres)
