@@ -50,7 +50,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 
-def _load_module(stem: str) -> Any:
+def _sibling(stem: str) -> Any:
     """``<stem>.py`` from this file's folder (the bento's ``src/``), cached per service module."""
     name = f"{__name__}_{stem}"
     if name not in sys.modules:
@@ -64,7 +64,7 @@ def _load_module(stem: str) -> Any:
 
 #: GET /metadata, GET /card, the bento config and service options (maas_http.py, shared by
 #: every MaaS service)
-http = _load_module("maas_http")
+http = _sibling("maas_http")
 CONFIG = http.read_config(CONFIG_PATH, DEFAULT_SETTINGS)
 SETTINGS = CONFIG["settings"]
 MODEL_TAG: str | None = CONFIG["model_tag"]
@@ -77,13 +77,13 @@ MAX_PIXELS = int(SETTINGS["max_pixels"])
 SERVICE_NAME = SETTINGS.get("service_name") or "ImageClassifier"
 VARIANT: dict[str, Any] = CONFIG["variant"]
 RUNTIME_NAME = VARIANT.get("runtime") or "torch"
-images = _load_module("maas_images")
-runtimes = _load_module("maas_runtime")
+images = _sibling("maas_images")
+runtimes = _sibling("maas_runtime")
 #: the network definitions (torch): loaded only by a bento that serves the torch model, so an
 #: ONNX Runtime bento runs without torch installed
-nets = _load_module("maas_nets") if RUNTIME_NAME == "torch" else None
-guard = _load_module("maas_guard")
-upload = _load_module("maas_upload")
+nets = _sibling("maas_nets") if RUNTIME_NAME == "torch" else None
+guard = _sibling("maas_guard")
+upload = _sibling("maas_upload")
 HAS_GPU = runtimes.has_gpu(RUNTIME_NAME)
 THREADS = int(SETTINGS.get("torch_threads") or runtimes.default_threads(WORKERS))
 #: the largest valid body: every image at its byte limit, base64 (4/3) plus the JSON envelope

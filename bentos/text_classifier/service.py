@@ -54,7 +54,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 
-def _load_runtime_module(stem: str = "maas_runtime") -> Any:
+def _sibling(stem: str) -> Any:
     """``<stem>.py`` (``maas_runtime``, ``maas_guard``) from this file's folder (the bento's
     ``src/``), whatever ``sys.path`` holds, cached per service module."""
     name = f"{__name__}_{stem}"
@@ -69,7 +69,7 @@ def _load_runtime_module(stem: str = "maas_runtime") -> Any:
 
 #: GET /metadata, GET /card, the bento config and service options (maas_http.py, shared by
 #: every MaaS service)
-http = _load_runtime_module("maas_http")
+http = _sibling("maas_http")
 CONFIG = http.read_config(CONFIG_PATH, DEFAULT_SETTINGS)
 SETTINGS = CONFIG["settings"]
 MODEL_TAG: str | None = CONFIG["model_tag"]
@@ -82,10 +82,10 @@ SERVICE_NAME = SETTINGS.get("service_name") or "TextClassifier"
 VARIANT: dict[str, Any] = CONFIG["variant"]
 VARIANT_NAME = VARIANT.get("name") or "fp32"
 RUNTIME_NAME = VARIANT.get("runtime") or "torch"
-runtimes = _load_runtime_module()
-guard = _load_runtime_module("maas_guard")
+runtimes = _sibling("maas_runtime")
+guard = _sibling("maas_guard")
 #: the CPU description and variant re-check (absent from bentos built before it: no check)
-machine = (_load_runtime_module("maas_machine")
+machine = (_sibling("maas_machine")
            if Path(__file__).with_name("maas_machine.py").is_file() else None)
 # chosen once, at import time: the resources BentoML schedules and the device the model uses
 HAS_GPU = runtimes.has_gpu(RUNTIME_NAME)
