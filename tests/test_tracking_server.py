@@ -64,23 +64,33 @@ def _artifact_dir(experiment) -> str:
     return location.removeprefix("mlflow-artifacts:").strip("/")
 
 
-def _maas(args: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+def _maas_here(args: list[str], server: Server, **env: str):
+    """``maas ARGS`` in this process (Click's runner) as a client of ``server`` without
+    credentials: what this test checks is where the run and the bento go, not a process
+    boundary."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": None,
+           "MLFLOW_TRACKING_PASSWORD": None, **env}
+    with tracking_to(server.url):
+        return CliRunner().invoke(main, args, env=env)
 
 
 @pytest.mark.slow
 def test_pipeline_through_tracking_server_then_build_from_alias(
-        server, tmp_path, pg_url, tiny_checkpoint):
+        server, tmp_path, pg_url, tiny_checkpoint, monkeypatch):
     from mlflow import MlflowClient
 
     name = "srv-tiny"
     pipe = write_pipeline(tmp_path, tiny_checkpoint, name="srv", registry__model_name=name,
                           tracking_uri=server.url)
-    env = client_env(server, BENTOML_HOME=str(tmp_path / "bentoml"), MAAS_HEARTBEAT_S="2")
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "MAAS_HEARTBEAT_S": "2"}
+    monkeypatch.chdir(tmp_path)  # a local store would land here
     t0 = time.monotonic()
-    res = _maas(["run", str(pipe), "--storage", pg_url, "--no-build"], env, tmp_path, 900)
-    assert res.returncode == 0, f"maas run failed ({res.returncode}):\n{res.stderr[-5000:]}"
+    res = _maas_here(["run", str(pipe), "--storage", pg_url, "--no-build"], server, **env)
+    assert res.exit_code == 0, f"maas run failed ({res.exit_code}):\n{res.output[-5000:]}"
     run_s = time.monotonic() - t0
     # nothing was written to a local store: no sqlite beside the pipeline, no ./mlruns
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
@@ -137,9 +147,9 @@ def test_pipeline_through_tracking_server_then_build_from_alias(
 
     # a bento from the alias, against the same server
     t1 = time.monotonic()
-    res = _maas(["build", f"{name}@champion"], env, tmp_path, 600)
-    assert res.returncode == 0, f"maas build failed ({res.returncode}):\n{res.stderr[-5000:]}"
-    assert f"v{mv.version}" in res.stdout and "bento " in res.stdout
+    res = _maas_here(["build", f"{name}@champion"], server, **env)
+    assert res.exit_code == 0, f"maas build failed ({res.exit_code}):\n{res.output[-5000:]}"
+    assert f"v{mv.version}" in res.output and "bento " in res.output
     build_s = time.monotonic() - t1
     print(f"maas run through server: {run_s:.0f} s; maas build from alias: {build_s:.0f} s")
     assert any((tmp_path / "bentoml" / "bentos").rglob("bento.yaml"))
