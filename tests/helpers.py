@@ -77,14 +77,11 @@ def fresh_mlflow_db(template: Path, path: Path) -> str:
 
 
 @contextlib.contextmanager
-def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: str,
-                  template: Path | None = None):
+def module_store(tmp_path_factory, prefix: str, template: Path | None = None):
     """A fresh MLflow SQLite store (a copy of ``template`` when given: the session's
-    ``mlflow_db_template``) + BentoML home (cwd and env pointed at them) with the tiny
-    classifier registered as ``model_name@champion``; yields {root, uri, home, version}."""
+    ``mlflow_db_template``) + BentoML home in a new folder, with the cwd, the environment and
+    MLflow's tracking URI pointed at them for the block; yields {root, uri, home}."""
     import mlflow
-
-    from bentos.testing import load_classifier, register_classifier
 
     root = tmp_path_factory.mktemp(prefix)
     uri = (fresh_mlflow_db(template, root / "mlflow.db") if template is not None
@@ -96,9 +93,19 @@ def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: s
         mp.setenv("BENTOML_DO_NOT_TRACK", "True")
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("tests")  # not an experiment id left active by an earlier test
+        yield {"root": root, "uri": uri, "home": root / "bentoml"}
+
+
+@contextlib.contextmanager
+def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: str,
+                  template: Path | None = None):
+    """:func:`module_store` with the tiny classifier registered as ``model_name@champion``;
+    yields {root, uri, home, version}."""
+    from bentos.testing import load_classifier, register_classifier
+
+    with module_store(tmp_path_factory, prefix, template) as store:
         model, tok = load_classifier(checkpoint)
-        version = register_classifier(model, tok, model_name)
-        yield {"root": root, "uri": uri, "home": root / "bentoml", "version": version}
+        yield {**store, "version": register_classifier(model, tok, model_name)}
 
 
 # -- data defects (tests/test_validation.py, tests/test_suite_init.py) -------------------------

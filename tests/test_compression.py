@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import SST2, fresh_mlflow_db, write_pipeline
+from helpers import SST2, module_store, write_pipeline
 from mlflow import MlflowClient
 
 from pipelines.cli import main
@@ -37,15 +37,9 @@ def run_pipeline(tmp_path, checkpoint, **compression):
 def store(tmp_path_factory, tiny_checkpoint, mlflow_db_template):
     """One run with every variant, in a store of its own, shared by the tests that only read
     it (tests/conftest.py's ``use_module_store`` points each of them at it)."""
-    root = tmp_path_factory.mktemp("compression")
-    uri = fresh_mlflow_db(mlflow_db_template, root / "mlflow.db")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("BENTOML_HOME", str(root / "bentoml"))
-        mlflow.set_tracking_uri(uri)
-        res = run_pipeline(root, tiny_checkpoint)
-    return {"root": root, "uri": uri, "home": root / "bentoml", "output": res.output}
+    with module_store(tmp_path_factory, "compression", mlflow_db_template) as store:
+        res = run_pipeline(store["root"], tiny_checkpoint)
+    return {**store, "output": res.output}
 
 
 @pytest.fixture(autouse=True)
