@@ -22,6 +22,7 @@ import warnings
 from base64 import b64encode
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -106,6 +107,17 @@ def tiny_registry(tmp_path_factory, checkpoint: Path, model_name: str, prefix: s
     with module_store(tmp_path_factory, prefix, template) as store:
         model, tok = load_classifier(checkpoint)
         yield {**store, "version": register_classifier(model, tok, model_name)}
+
+
+def maas(*args: Any, catch: bool = False, env: dict[str, str | None] | None = None):
+    """``maas ARGS`` in this process (Click's runner): for what the CLI parses and prints, not a
+    process boundary. ``catch``: an unexpected exception becomes the result's ``exception``
+    (exit 1) instead of failing the test; ``env``: variables for the call (None removes one)."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=catch)
 
 
 # -- data defects (tests/test_validation.py, tests/test_suite_init.py) -------------------------

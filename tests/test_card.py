@@ -12,20 +12,15 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
-from click.testing import CliRunner
-from helpers import SST2, mlflow_server, request, write_pipeline
+from helpers import SST2, maas, mlflow_server, request, write_pipeline
 from mlflow import MlflowClient
 
-from pipelines.cli import DEFAULT_PIPELINE, main
+from pipelines.cli import DEFAULT_PIPELINE
 from registry.alias_history import format_history
 from registry.card import DESCRIPTION_MAX, card_json, render_card
 
 MODEL = "tiny-sentiment"
 DEFAULT_CARD = yaml.safe_load(DEFAULT_PIPELINE.read_text())["card"]
-
-
-def maas(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def facts(n_trials: int = 3, **extra) -> dict:

@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import SST2, write_pipeline
+from helpers import SST2, maas, write_pipeline
 
-from pipelines.cli import main
 from pipelines.redact import redact
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -85,7 +80,7 @@ def test_pipeline_run_writes_no_credentials(mlflow_store, tmp_path, tiny_checkpo
     storage = f"sqlite:///{tmp_path / 'optuna.db'}?password=CANARY1"
     pipe = write_pipeline(tmp_path, tiny_checkpoint, tuning__n_trials=1, tuning__max_epochs=1,
                           tracking_uri=tracking)
-    res = invoke("run", str(pipe), "--no-build", "--storage", storage)
+    res = maas("run", str(pipe), "--no-build", "--storage", storage)
     assert res.exit_code == 0, res.output
     assert "CANARY" not in res.output
     assert "password=***" in res.output  # the summary shows the masked tracking URI
@@ -106,7 +101,7 @@ def test_pipeline_run_writes_no_credentials(mlflow_store, tmp_path, tiny_checkpo
 
 def test_malformed_set_value_is_a_config_error(mlflow_store, tmp_path, tiny_checkpoint):
     pipe = write_pipeline(tmp_path, tiny_checkpoint)
-    res = invoke("run", str(pipe), "--no-build", "--set", "tuning.n_trials=[unclosed")
+    res = maas("run", str(pipe), "--no-build", "--set", "tuning.n_trials=[unclosed")
     assert res.exit_code == 2, res.output
     assert "tuning.n_trials" in res.output and "Traceback" not in res.output
 
@@ -114,12 +109,12 @@ def test_malformed_set_value_is_a_config_error(mlflow_store, tmp_path, tiny_chec
 def test_data_path_directory_and_fifo(mlflow_store, tmp_path, tiny_checkpoint):
     folder = tmp_path / "data_dir"
     folder.mkdir()
-    res = invoke("run", str(write_pipeline(tmp_path, tiny_checkpoint, data__path=str(folder))))
+    res = maas("run", str(write_pipeline(tmp_path, tiny_checkpoint, data__path=str(folder))))
     assert res.exit_code == 3, res.output
     assert "is a directory" in res.output and "not found" not in res.output
     fifo = tmp_path / "data.tsv"
     os.mkfifo(fifo)
-    res = invoke("run", str(write_pipeline(tmp_path, tiny_checkpoint, data__path=str(fifo))))
+    res = maas("run", str(write_pipeline(tmp_path, tiny_checkpoint, data__path=str(fifo))))
     assert res.exit_code == 3, res.output
     assert "is not a regular file (FIFO)" in res.output
 
@@ -130,7 +125,7 @@ def test_failed_gate_prints_data_docs_that_exist(mlflow_store, tmp_path, tiny_ch
     df = pd.read_csv(SST2 / "train_sample.tsv", sep="\t").head(200)
     bad = tmp_path / "one_class.tsv"
     df.assign(label=0).to_csv(bad, sep="\t", index=False)
-    res = invoke("run", str(write_pipeline(tmp_path, tiny_checkpoint, data__path=str(bad))),
+    res = maas("run", str(write_pipeline(tmp_path, tiny_checkpoint, data__path=str(bad))),
                  "--no-build")
     assert res.exit_code == 3, res.output
     line = next(ln for ln in res.output.splitlines() if "data docs:" in ln)

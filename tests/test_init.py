@@ -11,15 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from click.testing import CliRunner
-from helpers import SST2
+from helpers import SST2, maas
 
-from pipelines.cli import main
 from pipelines.config import PipelineConfig
-
-
-def maas(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def reviews(n: int = 120, seed: int = 0) -> pd.DataFrame:

@@ -10,14 +10,10 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import SST2, write_pipeline
+from helpers import SST2, maas, write_pipeline
 from mlflow import MlflowClient
 
 from pipelines.cli import main
-
-
-def maas(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def registered_versions() -> list:

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import DEFECTS, SST2_TRAIN
+from helpers import DEFECTS, SST2_TRAIN, maas
 
 from pipelines.cli import main
 from pipelines.config import PipelineConfig
@@ -112,10 +112,6 @@ def fraud(tmp_path) -> Path:
     return write_pipeline_file(folder, {"path": "fraud.csv", "format": "csv", "header": False,
                                         "text_column": 1, "label_column": 0},
                                suite=None, name="fraud")
-
-
-def maas(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def frame_of(pipeline: Path) -> pd.DataFrame:

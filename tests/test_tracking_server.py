@@ -30,6 +30,7 @@ from helpers import (
     client_env,
     communicate_all,
     log_echo_model,
+    maas,
     open_gate,
     request,
     tracking_to,
@@ -64,20 +65,6 @@ def _artifact_dir(experiment) -> str:
     return location.removeprefix("mlflow-artifacts:").strip("/")
 
 
-def _maas_here(args: list[str], server: Server, **env: str):
-    """``maas ARGS`` in this process (Click's runner) as a client of ``server`` without
-    credentials: what this test checks is where the run and the bento go, not a process
-    boundary."""
-    from click.testing import CliRunner
-
-    from pipelines.cli import main
-
-    env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": None,
-           "MLFLOW_TRACKING_PASSWORD": None, **env}
-    with tracking_to(server.url):
-        return CliRunner().invoke(main, args, env=env)
-
-
 @pytest.mark.slow
 def test_pipeline_through_tracking_server_then_build_from_alias(
         server, tmp_path, pg_url, tiny_checkpoint, monkeypatch):
@@ -86,10 +73,15 @@ def test_pipeline_through_tracking_server_then_build_from_alias(
     name = "srv-tiny"
     pipe = write_pipeline(tmp_path, tiny_checkpoint, name="srv", registry__model_name=name,
                           tracking_uri=server.url)
-    env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "MAAS_HEARTBEAT_S": "2"}
+    # `maas` in this process as a client of the server without credentials: where the run and
+    # the bento go is what this checks, not a process boundary
+    env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": None,
+           "MLFLOW_TRACKING_PASSWORD": None, "BENTOML_HOME": str(tmp_path / "bentoml"),
+           "MAAS_HEARTBEAT_S": "2"}
     monkeypatch.chdir(tmp_path)  # a local store would land here
     t0 = time.monotonic()
-    res = _maas_here(["run", str(pipe), "--storage", pg_url, "--no-build"], server, **env)
+    with tracking_to(server.url):
+        res = maas("run", pipe, "--storage", pg_url, "--no-build", env=env)
     assert res.exit_code == 0, f"maas run failed ({res.exit_code}):\n{res.output[-5000:]}"
     run_s = time.monotonic() - t0
     # nothing was written to a local store: no sqlite beside the pipeline, no ./mlruns
@@ -147,7 +139,8 @@ def test_pipeline_through_tracking_server_then_build_from_alias(
 
     # a bento from the alias, against the same server
     t1 = time.monotonic()
-    res = _maas_here(["build", f"{name}@champion"], server, **env)
+    with tracking_to(server.url):
+        res = maas("build", f"{name}@champion", env=env)
     assert res.exit_code == 0, f"maas build failed ({res.exit_code}):\n{res.output[-5000:]}"
     assert f"v{mv.version}" in res.output and "bento " in res.output
     build_s = time.monotonic() - t1
