@@ -58,10 +58,7 @@ def _longest_modules_first(items: list) -> None:
     import json
 
     seconds = json.loads((Path(__file__).with_name("durations.json")).read_text())
-    rank = {}
-    for item in items:
-        rank.setdefault(item.path.name, len(rank))
-    items.sort(key=lambda item: (-seconds.get(item.path.name, 0.0), rank[item.path.name]))
+    items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))  # stable: modules stay whole
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
