@@ -39,8 +39,9 @@ class CycleObjective:
 
 
 @pytest.fixture
-def study(tmp_path, tiny_checkpoint):
-    cfg = PipelineConfig.load(write_pipeline(tmp_path, tiny_checkpoint))
+def study(tmp_path):
+    # the study needs the config's tuning section only: no checkpoint is read
+    cfg = PipelineConfig.load(write_pipeline(tmp_path, tmp_path / "no-checkpoint"))
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = tuning.open_study(cfg, tuning.make_storage(url), "memory")
     return study, url
