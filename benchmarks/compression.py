@@ -131,6 +131,8 @@ def report(cfg, uri, outcome, choice, variants, threads, build_s, rounds, with_o
         table[n] = {"runtime": v.runtime, "size_mb": round(v.size_mb, 2), "params": v.params,
                     "texts_per_s_b32": round(f["texts_per_s"], 1),
                     "texts_per_s_rounds": f["texts_per_s_rounds"],
+                    "cpu_ms_per_text": f.get("cpu_ms_per_text"),
+                    "cpu_ms_per_text_rounds": f.get("cpu_ms_per_text_rounds"),
                     "forward_batch_size": f.get("forward_batch_size"),
                     "texts_per_s_by_forward": f.get("texts_per_s_by_forward"),
                     "p50_ms_b1": round(f["p50_ms_b1"], 2), "accuracy": round(f["accuracy"], 4),

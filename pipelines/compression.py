@@ -200,19 +200,24 @@ def record(outcome: Outcome) -> None:
 
 
 def markdown_table(outcome: Outcome) -> str:
-    head = ("| variant | runtime | MB | params | texts/s b32 | best pass | p50 ms b1 | "
-            f"{outcome.metric} | drop vs fp32 | agreement | servable |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    head = ("| variant | runtime | MB | params | texts/s b32 | rounds min-max | CPU ms/text | "
+            f"best pass | p50 ms b1 | {outcome.metric} | drop vs fp32 | agreement | servable |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     rows = []
     for n, v in outcome.variants.items():
         if v.error:
-            rows.append(f"| {n} | - | - | - | - | - | - | - | - | - | skipped: {v.error[:120]} |")
+            rows.append(f"| {n} | - | - | - | - | - | - | - | - | - | - | - | "
+                        f"skipped: {v.error[:120]} |")
             continue
         f = v.figures
         mark = "**chosen**" if n == outcome.choice.chosen else (
             "yes" if outcome.choice.within_budget.get(n) else "no (over budget)")
+        rounds = f.get("texts_per_s_rounds") or [f["texts_per_s"]]
+        cpu = f.get("cpu_ms_per_text")
         rows.append(f"| {n} | {v.runtime} | {v.size_mb:.1f} | {v.params:,} | "
-                    f"{f['texts_per_s']:.1f} | {f['forward_batch_size']} | {f['p50_ms_b1']:.2f} | "
+                    f"{f['texts_per_s']:.1f} | {min(rounds):.1f}-{max(rounds):.1f} | "
+                    f"{'-' if cpu is None else f'{cpu:.2f}'} | "
+                    f"{f['forward_batch_size']} | {f['p50_ms_b1']:.2f} | "
                     f"{f[outcome.metric]:.4f} | "
                     f"{outcome.choice.drops[n]:+.4f} | {f['agreement_with_fp32']:.4f} | {mark} |")
     measured = next((v.figures.get("machine") for v in outcome.variants.values()

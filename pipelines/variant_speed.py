@@ -1,7 +1,9 @@
 """Measure classifiers the way they are served: probabilities on the test set in model calls of 32
 texts in the data's order, each call's texts sorted by length and run in forward passes padded
 to their own longest text (as the bento's runtime does), throughput of such calls with a fixed
-thread count, and median latency of single texts.
+thread count, and median latency of single texts. Beside each round's wall-clock texts/s, the CPU
+the process itself spent per text (``time.process_time``: every thread, whatever else runs on the
+machine), the figure a served rate is compared with (``benchmarks/serving.py``).
 
 Each classifier is timed at its own best forward-pass size (chosen by measurement from
 ``FORWARDS``: PyTorch fp32 and ONNX Runtime int8 peak at different sizes, and a ratio against a
@@ -59,6 +61,7 @@ class TorchClassifier:
 class Measured:
     probs: np.ndarray
     texts_per_s: list[float] = field(default_factory=list)
+    cpu_ms_per_text: list[float] = field(default_factory=list)  # this process's CPU, per round
     p50_ms_b1: float = float("nan")
     forward: int = FORWARD  # the forward-pass size its texts/s were timed at (its best)
     probe: dict[int, float] = field(default_factory=dict)  # forward size -> texts/s of the probe
@@ -106,23 +109,27 @@ def measure(clfs: dict[str, Classifier], texts: list[str], *, threads: int, roun
             out[name] = Measured(probs=predict_all(clf, texts))
         for forward in FORWARDS:
             for name, clf in clfs.items():
-                out[name].probe[forward] = _timed(clf, speed_set, forward)
+                out[name].probe[forward] = timed(clf, speed_set, forward)[0]
         for m in out.values():
             m.forward = max(m.probe, key=m.probe.__getitem__)
         for _ in range(rounds):
             for name, clf in clfs.items():
-                out[name].texts_per_s.append(_timed(clf, speed_set, out[name].forward))
+                rate, cpu_ms = timed(clf, speed_set, out[name].forward)
+                out[name].texts_per_s.append(rate)
+                out[name].cpu_ms_per_text.append(cpu_ms)
         for name, clf in clfs.items():
             out[name].p50_ms_b1 = _p50_single(clf, texts[:latency_samples])
     return out
 
 
-def _timed(clf: Classifier, texts: list[str], forward: int) -> float:
-    """texts/s of ``texts`` in calls of 32 with passes of ``forward`` (after one warm call)."""
+def timed(clf: Classifier, texts: list[str], forward: int) -> tuple[float, float]:
+    """(texts/s, CPU ms per text of this process) of ``texts`` in calls of 32 with passes of
+    ``forward``, after one warm call."""
     clf.predict_proba(texts[:BATCH])
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     predict_all(clf, texts, forward=forward)
-    return len(texts) / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return len(texts) / wall, 1000 * cpu / len(texts)
 
 
 def _p50_single(clf: Classifier, singles: list[str]) -> float:
@@ -146,6 +153,9 @@ def figures(m: Measured, reference: np.ndarray, metrics: dict[str, float],
     return {
         "texts_per_s": statistics.median(m.texts_per_s),
         "texts_per_s_rounds": [round(v, 2) for v in m.texts_per_s],
+        "cpu_ms_per_text": (round(statistics.median(m.cpu_ms_per_text), 3)
+                            if m.cpu_ms_per_text else None),
+        "cpu_ms_per_text_rounds": [round(v, 3) for v in m.cpu_ms_per_text],
         "p50_ms_b1": m.p50_ms_b1,
         "forward_batch_size": m.forward,
         "texts_per_s_by_forward": {str(k): round(v, 2) for k, v in m.probe.items()},

@@ -42,3 +42,27 @@ def test_each_classifier_is_timed_at_its_own_best_forward_size():
     f = figures(out["overhead"], out["quadratic"].probs, {"accuracy": 1.0})
     assert f["forward_batch_size"] == max(FORWARDS) and len(f["texts_per_s_rounds"]) == 2
     assert f["texts_per_s"] > out["overhead"].probe[min(FORWARDS)]
+
+
+class _Burning(_Costed):
+    """Spends ``per_text`` seconds of this process's CPU per text (a busy loop, not a sleep)."""
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        end = time.process_time() + self.per_text * len(texts)
+        while time.process_time() < end:
+            pass
+        return np.tile([0.25, 0.75], (len(texts), 1)).astype(np.float32)
+
+
+def test_each_round_records_the_cpu_the_process_spent_per_text():
+    """CPU ms per text comes from the process's own counter: a sleeping classifier spends
+    almost none, a busy one what it burns, whatever the wall clock says."""
+    texts = [f"text {i}" for i in range(64)]
+    out = measure({"sleeping": _Costed(fixed=0.0, per_text=0.002, power=1),
+                   "burning": _Burning(fixed=0.0, per_text=0.002, power=1)},
+                  texts, threads=1, rounds=3, latency_samples=1)
+    sleeping = figures(out["sleeping"], out["sleeping"].probs, {"accuracy": 1.0})
+    burning = figures(out["burning"], out["burning"].probs, {"accuracy": 1.0})
+    assert len(burning["cpu_ms_per_text_rounds"]) == 3
+    assert burning["cpu_ms_per_text"] >= 2.0  # 2 ms burnt per text, plus the loop around it
+    assert sleeping["cpu_ms_per_text"] < 1.0

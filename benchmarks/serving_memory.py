@@ -1,0 +1,176 @@
+"""Memory of ``bentoml serve`` of a registered model: RSS, USS and PSS summed over the server's
+whole process tree (the ``bentoml serve`` supervisor and its workers), sampled every 50 ms.
+
+    .venv/bin/python benchmarks/serving_memory.py     # models:/<sentiment.yaml model>@champion,
+                                                       # 2 workers, tracking store of the cwd
+    .venv/bin/python benchmarks/serving_memory.py --workers 2 --requests 800 --concurrency 32
+
+Three moments: ``ready`` (``/readyz`` answered), ``peak`` (the highest sample while a bounded
+load of SST-2 test texts runs: ``--requests`` requests of ``--texts-per-request`` texts at
+``--concurrency``, on 127.0.0.1) and ``rest`` (the load over and no request in flight, once two
+samples 0.5 s apart agree within 1 MiB, at most 10 s). RSS counts a page shared by several
+processes (the Python runtime, shared libraries) once per process, PSS splits it between them,
+USS counts only what one process alone holds. Writes
+``benchmarks/results/serving-memory-<UTC time>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from benchmarks.serving import default_model_uri, read_tsv  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def tree_memory(pid: int) -> dict[str, Any]:
+    """RSS, USS and PSS (MiB) of ``pid`` and its descendants, and each process's RSS."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {"rss": 0.0, "uss": 0.0, "pss": 0.0, "processes": []}
+    total = {"rss": 0.0, "uss": 0.0, "pss": 0.0}
+    each = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            m = p.memory_full_info()
+            for key in total:
+                total[key] += getattr(m, key) / MIB
+            each.append(round(m.rss / MIB, 1))
+    return {**{k: round(v, 1) for k, v in total.items()}, "processes": each}
+
+
+class Sampler:
+    """Samples :func:`tree_memory` every ``every_s`` seconds in a thread; keeps the peak RSS."""
+
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
+        self.pid, self.every_s, self.peak = pid, every_s, {"rss": 0.0}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            m = tree_memory(self.pid)
+            self.samples += 1
+            if m["rss"] > self.peak["rss"]:
+                self.peak = m
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def at_rest(pid: int, settle_s: float = 0.5, limit_s: float = 10.0) -> dict[str, Any]:
+    """Tree memory once two readings ``settle_s`` apart agree within 1 MiB (or after
+    ``limit_s``)."""
+    deadline = time.monotonic() + limit_s
+    last = tree_memory(pid)
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        now = tree_memory(pid)
+        if abs(now["rss"] - last["rss"]) <= 1.0:
+            return now
+        last = now
+    return last
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bentos import BentoSettings, build_bento
+    from bentos.loadgen import load
+    from bentos.machine import describe
+    from bentos.server import serve_bento
+
+    model_uri = args.model_uri or default_model_uri()
+    texts, _ = read_tsv(REPO / "data" / "sst2" / "test.tsv")
+    k = args.texts_per_request
+    payloads = [texts[i:i + k] for i in range(0, len(texts) - k + 1, k)]
+    built = build_bento(model_uri, BentoSettings(workers=args.workers, variant=args.variant))
+    report: dict[str, Any] = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(), "model_uri": model_uri, "bento": built.bento_tag,
+        "variant": built.variant, "runtime": built.runtime, "args": vars(args)}
+    with serve_bento(built.bento_tag) as srv:
+        pid = srv.process.pid
+        report["ready"] = at_rest(pid)
+        with Sampler(pid) as sampler:
+            result = load(f"{srv.url}/classify", payloads, requests=args.requests,
+                          concurrency=args.concurrency, time_budget_s=args.budget_s)
+        report["peak"] = sampler.peak
+        report["samples"] = sampler.samples
+        report["rest"] = at_rest(pid)
+        report["load"] = {k: v for k, v in result.summary().items()
+                          if k in ("requests", "texts_per_s", "statuses", "server_errors",
+                                   "p50_ms", "p99_ms", "wall_s")}
+    report["target"] = {"rss_mib_max": args.target_mib,
+                        "met_at_rest": report["rest"]["rss"] <= args.target_mib,
+                        "met_at_peak": report["peak"]["rss"] <= args.target_mib}
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"bento {report['bento']} ({report['variant']}, {report['runtime']}), "
+             f"{report['args']['workers']} workers; CPU {m.get('cpu_model')} "
+             f"({', '.join(k for k, on in (m.get('features') or {}).items() if on)}), "
+             f"{m.get('threads')} threads",
+             "| moment | RSS MiB | PSS MiB | USS MiB | RSS per process (supervisor, workers) |",
+             "|---|---:|---:|---:|---|"]
+    for moment in ("ready", "peak", "rest"):
+        r = report[moment]
+        lines.append(f"| {moment} | {r['rss']} | {r['pss']} | {r['uss']} | "
+                     f"{' / '.join(str(x) for x in r['processes'])} |")
+    ld = report["load"]
+    lines.append(f"load: {ld['requests']} requests, {ld['texts_per_s']} texts/s, statuses "
+                 f"{ld['statuses']}; target RSS <= {report['target']['rss_mib_max']} MiB: "
+                 f"at rest {report['target']['met_at_rest']}, at peak "
+                 f"{report['target']['met_at_peak']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-uri", help="models:/NAME@ALIAS (default: the sentiment pipeline's "
+                   "model @champion)")
+    p.add_argument("--variant", help="serve this variant (default: the version's chosen one)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--requests", type=int, default=800)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--budget-s", type=float, default=120.0, help="time cap of the load")
+    p.add_argument("--target-mib", type=float, default=300.0)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    report = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serving-memory-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n", "utf-8")
+    print(table(report) + f"\n\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
