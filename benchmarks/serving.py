@@ -326,8 +326,9 @@ def table(report: dict[str, Any]) -> str:
         return f"{d['median']} (rounds {d['min']}-{d['max']})"
 
     lines += ["", f"side by side at c=32, {vd['rounds']} interleaved rounds (median, spread):",
-              f"  in-process limit texts/s {fmt(vd['machine_limit_texts_per_s'])}; pipeline's "
-              f"table recorded {rec.get('texts_per_s')} (rounds {rec.get('texts_per_s_rounds')})",
+              f"  in-process limit texts/s {fmt(vd['machine_limit_texts_per_s'])}; the "
+              f"pipeline's variant table recorded {rec.get('texts_per_s')} on "
+              f"{(rec.get('machine') or {}).get('cpu_model', 'an unrecorded CPU')}",
               f"  served texts/s {fmt(vd['served_texts_per_s'])}: served / limit "
               f"{vd['served_over_machine_limit']} (rounds {vd['served_over_machine_limit_rounds']}"
               f"; on the cores the load generator leaves: "
