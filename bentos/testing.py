@@ -191,22 +191,16 @@ def serve_registered(store: dict[str, Any], model_name: str, settings: Any, log_
     """Build ``models:/<model_name>@champion`` of a test store ({"uri", "home", "root"}) with
     ``settings`` and return the (not yet entered) ``serve_bento`` context for it."""
     import os
+    from unittest import mock
 
     import mlflow
 
     from bentos.build import build_bento
     from bentos.server import serve_bento
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "BENTOML_HOME")}
-    os.environ.update(MLFLOW_TRACKING_URI=store["uri"], BENTOML_HOME=str(store["home"]))
-    try:
+    env = {"MLFLOW_TRACKING_URI": store["uri"], "BENTOML_HOME": str(store["home"])}
+    with mock.patch.dict(os.environ, env):  # restored as it was, whatever the build does
         mlflow.set_tracking_uri(store["uri"])
         built = build_bento(f"models:/{model_name}@champion", settings)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return serve_bento(built.bento_tag, bentoml_home=store["home"],
                        log_path=Path(store["root"]) / log_name)

@@ -23,6 +23,7 @@ from base64 import b64encode
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -389,19 +390,17 @@ def tracking_to(uri: str, **env: str) -> Iterator[None]:
     """Point this process's MLflow client at ``uri`` (and credentials) for the block."""
     import mlflow
 
-    keys = ["MLFLOW_TRACKING_URI", *env]
-    saved = {k: os.environ.get(k) for k in keys}
     previous_uri = mlflow.get_tracking_uri()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ.update(env)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        if mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(previous_uri)  # (this writes MLFLOW_TRACKING_URI: restore after)
-        restore_env(saved)
+    # patch.dict puts the environment back as it was on exit, after the finally below (whose
+    # set_tracking_uri writes MLFLOW_TRACKING_URI)
+    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri, **env}):
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            if mlflow.active_run():
+                mlflow.end_run()
+            mlflow.set_tracking_uri(previous_uri)
 
 
 def log_echo_model(experiment: str) -> tuple[str, str]:
