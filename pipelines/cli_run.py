@@ -75,7 +75,7 @@ def _summary(r) -> str:
         f"  Optuna study      {r.study_name}  best trial #{r.best_trial} {r.best_params}",
         "  test metrics      " + ", ".join(f"{k}={v:.4f}" for k, v in r.test_metrics.items()),
         f"  registered        {r.model_name} version {r.model_version} (alias challenger)",
-        *([(f"  variant           {r.variant} ({r.variant_speedup:.2f}x fp32 texts/s; "
+        *([(f"  variant           {r.variant} ({r.variant_speedup:.2f}x fp32's speed; "
             "table in the run's compression/variants.md)")] if r.variant else []),
         f"  promoted          {'yes' if r.promoted else 'no'}: {r.decision_reason}",
         f"  champion          {r.model_name}@champion = version {r.champion_version}",

@@ -52,6 +52,7 @@ class Outcome:
     choice: Any                  # registry.VariantChoice
     metric: str
     max_drop: float
+    unit: str = "texts"          # what its speed figures count (Family.unit)
 
     def table(self) -> dict[str, dict[str, Any]]:
         """Per variant: what the registry tag ``maas.variants`` and the bento build read."""
@@ -93,7 +94,8 @@ def compress(cfg, data, model, family, evaluate: Callable[[Any], dict[str, float
                          f"(it builds {list(family.variants)})"))
         outcome = measure_and_choose(cfg, data, variants, evaluate, comp.threads,
                                      inputs=family.inputs(data.test),
-                                     agreement=family.agreement, floors=family.variant_floors)
+                                     agreement=family.agreement, floors=family.variant_floors,
+                                     unit=family.unit)
         for v in variants.values():
             _log_variant(v, outcome, comp, labels)
     return outcome
@@ -120,11 +122,12 @@ def measure_and_choose(cfg, data, variants: dict[str, Variant],
                        evaluate: Callable[[Any], dict[str, float]], threads: int,
                        inputs: list[Any] | None = None,
                        agreement: Callable[[Any, Any], dict[str, float]] | None = None,
-                       floors: dict[str, float] | None = None) -> Outcome:
+                       floors: dict[str, float] | None = None, unit: str = "texts") -> Outcome:
     """Measure the built variants side by side on the test set (``inputs``: the family's inputs
     of ``data.test``, looked up when None) and apply the variant gate. ``agreement(outputs,
     fp32_outputs)`` and ``floors``: the family's (``Family.agreement`` / ``variant_floors``;
-    None: a classifier's argmax agreement, no floor)."""
+    None: a classifier's argmax agreement, no floor); ``unit``: what the speed figures count
+    (``Family.unit``), for the table and the gate's reason."""
     from registry import choose_variant
 
     comp = cfg.compression
@@ -145,8 +148,8 @@ def measure_and_choose(cfg, data, variants: dict[str, Variant],
                             agreement(measured[n].probs, ref) if agreement else None)
         v.figures.update(size_mb=v.size_mb, params=v.params)
     choice = choose_variant({n: v.figures for n, v in ok.items()}, cfg.promotion.metric,
-                            comp.max_accuracy_drop, floors=dict(floors or {}))
-    return Outcome(variants, choice, cfg.promotion.metric, comp.max_accuracy_drop)
+                            comp.max_accuracy_drop, floors=dict(floors or {}), unit=unit)
+    return Outcome(variants, choice, cfg.promotion.metric, comp.max_accuracy_drop, unit)
 
 
 def try_build(builder: Compressor, name: str) -> Variant:
@@ -200,7 +203,8 @@ def record(outcome: Outcome) -> None:
 
 
 def markdown_table(outcome: Outcome) -> str:
-    head = ("| variant | runtime | MB | params | texts/s b32 | rounds min-max | CPU ms/text | "
+    u = outcome.unit
+    head = (f"| variant | runtime | MB | params | {u}/s b32 | rounds min-max | CPU ms/{u[:-1]} | "
             f"best pass | p50 ms b1 | {outcome.metric} | drop vs fp32 | agreement | servable |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     rows = []

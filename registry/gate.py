@@ -164,6 +164,7 @@ def choose_variant(
     speed: str = "texts_per_s",
     reference: str = REFERENCE_VARIANT,
     floors: Mapping[str, float] | None = None,
+    unit: str = "texts",
 ) -> VariantChoice:
     """Pick the variant to serve (pure). ``rows`` maps variant name -> its figures (``metric``
     and ``speed``, higher is better for both).
@@ -175,7 +176,8 @@ def choose_variant(
     the text embedder's ``mean_cosine_vs_fp32 >= 0.99``). Among those with a known, positive
     ``speed``, the fastest wins; ties go to the
     reference, then to the name that sorts first. A missing reference, or a reference without
-    ``metric``, is an error: nothing can be judged against it.
+    ``metric``, is an error: nothing can be judged against it. ``unit``: what ``speed`` counts
+    per second, for the reason ("texts", "images").
     """
     if reference not in rows:
         raise ValueError(f"no {reference!r} variant to compare with (got {sorted(rows)})")
@@ -198,7 +200,7 @@ def choose_variant(
     speedup = speeds[chosen] / base if base > 0 and speeds[chosen] > 0 else float("nan")
     over = sorted(n for n in rows if not within[n])
     reason = (f"{chosen}: fastest within {metric} drop <= {max_drop:g} of {reference} "
-              f"({speeds[chosen]:.1f} {speed}, {speedup:.2f}x {reference}; {metric} "
+              f"({speeds[chosen]:.1f} {unit}/s, {speedup:.2f}x {reference}; {metric} "
               f"{_as_float(rows[chosen].get(metric)):.4f} vs {ref:.4f})")
     if over:
         reason += "; over budget: " + ", ".join(

@@ -97,3 +97,27 @@ def test_choice_is_frozen_and_serialisable():
     d = c.to_dict()
     assert d["chosen"] == "onnx" and d["within_budget"] == {"fp32": True, "onnx": True}
     assert isinstance(c, VariantChoice)
+
+
+def test_the_reason_counts_in_the_familys_unit():
+    """The speed key is shared (``texts_per_s``); the reason says what it counts."""
+    rows = {"fp32": {"accuracy": 0.9, "texts_per_s": 100.0},
+            "onnx-int8": {"accuracy": 0.9, "texts_per_s": 250.0}}
+    assert "(250.0 texts/s, 2.50x fp32" in choose_variant(rows, "accuracy", 0.01).reason
+    images = choose_variant(rows, "accuracy", 0.01, unit="images")
+    assert "(250.0 images/s, 2.50x fp32" in images.reason and "texts" not in images.reason
+
+
+def test_an_image_familys_variant_table_is_in_images():
+    from pipelines.compression import Outcome, Variant, markdown_table
+    from pipelines.families.image_classifier.family import ImageClassifier
+
+    rows = {n: {"texts_per_s": tps, "forward_batch_size": 4, "p50_ms_b1": 3.0, "accuracy": 0.9,
+                "agreement_with_fp32": 1.0}
+            for n, tps in (("fp32", 100.0), ("onnx-int8", 250.0))}
+    variants = {n: Variant(n, "torch", figures=f) for n, f in rows.items()}
+    unit = ImageClassifier.unit
+    outcome = Outcome(variants, choose_variant(rows, "accuracy", 0.01, unit=unit), "accuracy",
+                      0.01, unit)
+    head = markdown_table(outcome).splitlines()[0]
+    assert "| images/s b32 |" in head and "CPU ms/image" in head and "texts" not in head

@@ -138,6 +138,9 @@ class Family(ABC):
     #: top of the ``compression.max_accuracy_drop`` budget on ``promotion.metric`` (none: the
     #: budget alone decides, as for the classifiers)
     variant_floors: ClassVar[Mapping[str, float]] = {}
+    #: what the speed figures count, plural ("texts", "images"): the unit of the variant table's
+    #: and the gate's inputs per second (the figure's key stays ``texts_per_s`` for every family)
+    unit: ClassVar[str] = "texts"
 
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg

@@ -61,6 +61,7 @@ class ImageClassifier(Family):
     fine-tuned from a local safetensors checkpoint)."""
 
     input_kind = "image"
+    unit = "images"
     columns = ("path",)
     hyperparameters = HYPERPARAMETERS
     service = "bentos.image_classifier.service:ImageClassifier"
