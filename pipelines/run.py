@@ -273,7 +273,6 @@ def _validate(run: RunInputs):
 def _split(run: RunInputs):
     with step("split"):
         data = split_data(run.raw, run.cfg.data)
-        run.family.use_data(data)
         mlflow.log_params({"n_train": len(data.train), "n_validation": len(data.validation),
                            "n_test": len(data.test), "labels": json.dumps(data.id2label)})
         from pipelines import drift_step
@@ -329,7 +328,6 @@ def join_study(cfg: PipelineConfig, storage: str, run_id: str | None = None,
         _check_joined_run(cfg, run_id, raw.fingerprint)
     log.info("worker joining study %s (parent run %s)", study_name, rid)
     data = split_data(raw, cfg.data)
-    family.use_data(data)
     study = tuning.open_study(cfg, store, study_name, worker=True, seed=seed)
     objective = tuning.Objective(cfg, data, family, rid, experiment_id)
     tuning.run_study(study, objective, cfg.tuning.n_trials, storage, cfg.tuning.timeout_s)

@@ -180,7 +180,8 @@ def score(run: RunInputs, data: Dataset, model: Any, desc: str) -> Evaluation:
     """``model`` (the family's) scored on the test set."""
     family = run.family
     probs = family.predict_proba(model, family.inputs(data.test), desc=desc)
-    return family.metrics(data.names(data.test), probs, model, list(data.id2label.values()))
+    return family.metrics(data.names(data.test), probs, model, list(data.id2label.values()),
+                          data=data)
 
 
 def compress(run: RunInputs, data: Dataset, model: Any) -> Outcome:
@@ -191,7 +192,7 @@ def compress(run: RunInputs, data: Dataset, model: Any) -> Outcome:
     truth, labels = data.names(data.test), list(data.id2label.values())
 
     def evaluate(probs):
-        return family.metrics(truth, probs, model, labels).metrics
+        return family.metrics(truth, probs, model, labels, data=data).metrics
 
     cfg = within_run_deadline(run.cfg, time.perf_counter() - run.t0)
     if cfg is not run.cfg:

@@ -177,7 +177,8 @@ class Objective:
                 loss = trainer.train_epoch(
                     desc=f"trial {trial.number} epoch {epoch}/{cfg.tuning.max_epochs}")
                 model = trainer.model
-                ev = family.metrics(y_val, family.predict_proba(model, x_val), model, labels)
+                ev = family.metrics(y_val, family.predict_proba(model, x_val), model, labels,
+                                    data=data)
                 value = ev.metrics[cfg.metric]
                 mlflow.log_metrics({"train_loss": loss,
                                     **{f"val_{k}": v for k, v in ev.metrics.items()}}, step=epoch)

@@ -43,7 +43,6 @@ def setup(rows: int = 160):
     cfg = PipelineConfig.from_dict(pipeline_dict(rows=rows))
     family = load_family(cfg)
     data = split_data(load_data(cfg.data, family), cfg.data)
-    family.use_data(data)
     return family, data
 
 

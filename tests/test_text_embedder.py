@@ -82,7 +82,8 @@ def test_fine_tune_scores_and_fresh_process_pyfunc(tuned, tmp_path, mlflow_store
     emb = family.predict_proba(model, family.inputs(data.test))
     assert emb.dtype == np.float32 and emb.shape == (len(data.test), 384)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    ev = family.metrics(data.names(data.test), emb, model, list(data.id2label.values()))
+    ev = family.metrics(data.names(data.test), emb, model, list(data.id2label.values()),
+                        data=data)
     assert ev.metrics["accuracy"] == ev.metrics["knn_accuracy"] > 0.5
     assert set(ev.predictions) <= {"negative", "positive"}
     texts = data.test.text.tolist()[:8]  # mlflow_store: a fresh store, its own experiment
@@ -165,12 +166,12 @@ def test_scored_pairs_read_train_and_score_spearman(tmp_path):
     cfg = PipelineConfig.from_dict(raw)
     family = load_family(cfg)
     data = split_data(load_data(cfg.data, family), cfg.data)
-    family.use_data(data)
     assert list(family.profile(data.train).columns) == ["text", "text_b", "label"]
     model = family.base_model()
     out = family.predict_proba(model, family.inputs(data.test))
     assert out.shape == (len(data.test), 768)
-    ev = family.metrics(data.names(data.test), out, model, list(data.id2label.values()))
+    ev = family.metrics(data.names(data.test), out, model, list(data.id2label.values()),
+                        data=data)
     assert ev.metrics["spearman"] > 0.5 and 0 <= ev.metrics["accuracy"] <= 1
     trainer = family.trainer(data, {"batch_size": 8, "epochs": 1}, seed=1)
     assert trainer.pairs and len(trainer.texts) == int((data.train.label >= 0.5).sum())

@@ -193,12 +193,6 @@ class Family(ABC):
         None: the family's synthetic placeholder."""
         return None
 
-    def use_data(self, data: Dataset) -> None:
-        """The run's split, handed over once it exists (before any training or scoring): a family
-        whose scores need more than the scored rows keeps what it needs (the text embedder: the
-        training split, its retrieval index). Default: nothing."""
-        return None
-
     # -- model --------------------------------------------------------------------------------
     def check(self) -> None:
         """Fail before any work (missing checkpoint file, bad option) with a FamilyError.
@@ -222,10 +216,12 @@ class Family(ABC):
         """The names of the output columns in order: a classifier's class names (recorded as the
         logged model's ``metadata.labels``)."""
 
-    def metrics(self, truth: list[str], probs: np.ndarray, model: Any,
-                labels: list[str]) -> Evaluation:
+    def metrics(self, truth: list[str], probs: np.ndarray, model: Any, labels: list[str], *,
+                data: Dataset) -> Evaluation:
         """Scores (``accuracy``, ``f1_macro``, ... all higher-is-better) of ``probs`` against the
-        true class names; ``labels``: the data's class order. Default: classification metrics."""
+        true class names; ``labels``: the data's class order; ``data``: the run's split, for
+        scores that need more than the scored rows (the text embedder's retrieval index is its
+        training split). Default: classification metrics."""
         from pipelines.evaluation import evaluate_predictions
 
         return evaluate_predictions(truth, probs, self.labels(model), labels)

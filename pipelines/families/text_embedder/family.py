@@ -64,8 +64,8 @@ class TextEmbedder(Family):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self._index_rows: tuple[list[str], list[str]] | None = None
-        self._index: tuple[str, np.ndarray] | None = None
+        # the training split embedded by the last model state scored: (stamp, fingerprint, rows)
+        self._index: tuple[str, str, np.ndarray] | None = None
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, path: Path, role: str):
@@ -106,13 +106,6 @@ class TextEmbedder(Family):
 
         return loggable_texts(rows.text.tolist(), self.cfg.privacy.log_text, n=3)
 
-    def use_data(self, data) -> None:
-        """The training split is the retrieval index of every score (labelled texts)."""
-        if self.pairs:
-            return
-        self._index_rows = (data.train.text.tolist(), data.names(data.train))
-        self._index = None
-
     # -- model --------------------------------------------------------------------------------
     @property
     def checkpoint(self) -> Path:
@@ -134,8 +127,6 @@ class TextEmbedder(Family):
             raise FamilyError(f"tuning pooling {bad[0]!r}: one of {list(POOLINGS)}")
 
     def trainer(self, data, params: dict[str, Any], seed: int) -> ContrastiveTrainer:
-        if self._index_rows is None:
-            self.use_data(data)
         params = {"pooling": self.model_options.pooling, **params}
         rows, ids = data.train, data.ids(data.train)
         if self.pairs:  # the positive pairs; each batch's other pairs are its negatives
@@ -169,14 +160,14 @@ class TextEmbedder(Family):
         return output_names(model.dim)
 
     def metrics(self, truth: list[str], probs: np.ndarray, model: EmbedModel,
-                labels: list[str]):
+                labels: list[str], *, data):
         """Retrieval of the rows embedded in ``probs`` against the training split embedded by
         ``model`` (computed once per model state)."""
         from pipelines.evaluation import evaluate_predictions
 
         if self.pairs:
             return _pair_evaluation(truth, probs)
-        found = retrieval.knn(probs, truth, *self.index(model), k=self.model_options.k)
+        found = retrieval.knn(probs, truth, *self.index(model, data), k=self.model_options.k)
         onehot = np.zeros((len(truth), len(labels) or 1), dtype=np.float32)
         pos = {lab: i for i, lab in enumerate(labels)}
         for row, (lab, conf) in enumerate(zip(found.predicted, found.confidence, strict=True)):
@@ -186,14 +177,14 @@ class TextEmbedder(Family):
         ev.confidences[:] = found.confidence
         return ev
 
-    def index(self, model: EmbedModel) -> tuple[np.ndarray, list[str]]:
-        if self._index_rows is None:
-            raise FamilyError("the text embedder scores against the training split: "
-                              "call use_data(dataset) first")
-        texts, names = self._index_rows
-        if self._index is None or self._index[0] != model.stamp:
-            self._index = (model.stamp, embed(model, texts, self.cfg.model.eval_batch_size))
-        return self._index[1], names
+    def index(self, model: EmbedModel, data) -> tuple[np.ndarray, list[str]]:
+        """The retrieval index of every score: ``data``'s training split (labelled texts)
+        embedded by ``model``, computed once per model state and split."""
+        key = (model.stamp, data.fingerprint)
+        if self._index is None or self._index[:2] != key:
+            self._index = (*key, embed(model, data.train.text.tolist(),
+                                       self.cfg.model.eval_batch_size))
+        return self._index[2], data.names(data.train)
 
     def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         return retrieval.agreement(outputs, reference)
