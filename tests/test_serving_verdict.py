@@ -1,6 +1,7 @@
 """benchmarks/serving.py's verdict: from interleaved rounds of the in-process limit and the served
 rate, the medians and their spread, served over the machine limit and ``cpu_ratio`` (server over
-in-process CPU ms per text), with the targets they are held to (pure, table tests)."""
+in-process CPU ms per text), with the targets they are held to (pure, table tests); and
+benchmarks/serving_memory.py's process-tree sum, on real processes."""
 
 from __future__ import annotations
 
@@ -69,3 +70,30 @@ def test_a_5xx_anywhere_fails_the_zero_5xx_target():
     ok = _serving().verdict(_report([(400.0, 5.0, 360.0, 5.0)] * 3))
     bad = _serving().verdict(_report([(400.0, 5.0, 360.0, 5.0)] * 3, errors=1))
     assert ok["targets"]["zero 5xx"] is True and bad["targets"]["zero 5xx"] is False
+
+
+def test_serving_memory_counts_the_whole_process_tree():
+    """benchmarks/serving_memory.py sums RSS/PSS/USS over a process and its children: a child
+    holding 64 MiB shows up in the tree's total and in its own per-process entry."""
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("serving_memory",
+                                                  REPO / "benchmarks" / "serving_memory.py")
+    mem = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mem)
+    hold = "b = bytearray(64 * 1024 * 1024); import sys; sys.stdout.write('ready\\n'); " \
+           "sys.stdout.flush(); sys.stdin.read()"
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                               f"p = subprocess.Popen([sys.executable, '-c', {hold!r}], "
+                               "stdin=sys.stdin, stdout=sys.stdout); p.wait()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        tree = mem.tree_memory(parent.pid)
+        assert len(tree["processes"]) == 2
+        assert max(tree["processes"]) >= 64 and tree["rss"] >= 64 + min(tree["processes"])
+        assert tree["rss"] >= tree["pss"] >= tree["uss"] >= 64
+    finally:
+        parent.stdin.close()
+        parent.wait(timeout=30)
