@@ -185,9 +185,13 @@ def search(model_uri: str, args, workdir: Path, payloads) -> dict[str, Any]:
 
 
 def side_by_side(limit: InProcess, srv, payloads, args) -> list[dict[str, Any]]:
-    """``--rounds`` interleaved rounds: the in-process limit, then the served rate at c=32."""
+    """``--rounds`` interleaved rounds: the in-process limit (once the server is idle), then the
+    served rate at c=32."""
+    from benchmarks.serving_drive import wait_idle
+
     rounds = []
     for r in range(args.rounds):
+        wait_idle(srv.process.pid)  # the last load's requests in flight would share the cores
         lim = limit.round()
         served_r = drive(srv, payloads, args.requests, 32, args.budget_s, args.loadgen,
                          args.duration_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from typing import Any
 
 
@@ -26,6 +27,20 @@ def tree_cpu_s(pid: int) -> float:
             t = p.cpu_times()
             total += t.user + t.system
     return total
+
+
+def wait_idle(pid: int, quiet_s: float = 0.2, limit_s: float = 15.0) -> float:
+    """Wait until the server's process tree has spent under 5% of a core over ``quiet_s`` (the
+    requests a load left in flight are done), at most ``limit_s``; returns the seconds waited."""
+    start = time.monotonic()
+    last = tree_cpu_s(pid)
+    while time.monotonic() - start < limit_s:
+        time.sleep(quiet_s)
+        now = tree_cpu_s(pid)
+        if now - last < 0.05 * quiet_s:
+            break
+        last = now
+    return time.monotonic() - start
 
 
 def batch_metric(url: str) -> tuple[float, float]:
