@@ -22,9 +22,10 @@ Sections (all on 127.0.0.1; every load is bounded in requests and time):
    ``served_over_machine_limit`` and ``cpu_ratio`` (server / in-process CPU ms per text), beside
    the figure the pipeline recorded for the same variant (``maas.variants``).
 
-The load generator: ``wrk`` when installed, else ``bentos.loadgen`` (httpx async, one keep-alive
-connection per concurrent client, bodies encoded once, ``--texts-per-request`` texts per
-request, default 1). Writes ``benchmarks/results/serving-<UTC time>.json`` and prints a table.
+The load generator: ``wrk`` when installed, else ``bentos.loadgen`` (aiohttp, one keep-alive
+connection per concurrent client, bodies encoded once); ``--texts-per-request`` texts per
+request, default 1. In-process rounds start once the server is idle (``wrk`` stops with
+requests in flight). Writes ``benchmarks/results/serving-<UTC time>.json`` and prints a table.
 """
 
 from __future__ import annotations
