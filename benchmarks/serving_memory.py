@@ -5,6 +5,10 @@ whole process tree (the ``bentoml serve`` supervisor and its workers), sampled e
                                                        # 2 workers, tracking store of the cwd
     .venv/bin/python benchmarks/serving_memory.py --workers 2 --requests 800 --concurrency 32
 
+The same three moments are measured for BentoML's floor first: a service with no model (one
+API returning a constant, the same worker count), so the table shows what the model's runtime
+adds to what BentoML itself holds.
+
 Three moments: ``ready`` (``/readyz`` answered), ``peak`` (the highest sample while a bounded
 load of SST-2 test texts runs: ``--requests`` requests of ``--texts-per-request`` texts at
 ``--concurrency``, on 127.0.0.1) and ``rest`` (the load over and no request in flight, once two
@@ -96,9 +100,48 @@ def at_rest(pid: int, settle_s: float = 0.5, limit_s: float = 10.0) -> dict[str,
     return last
 
 
+#: the floor: a BentoML service with no model, one API, ``workers`` worker processes
+FLOOR_SERVICE = """import bentoml
+
+
+@bentoml.service(workers={workers})
+class Floor:
+    @bentoml.api(route="/classify")
+    def classify(self, texts: list[str]) -> list[dict]:
+        return [{{"label": "positive", "probabilities": {{"positive": 1.0}}}} for _ in texts]
+"""
+
+
+def moments(srv, payloads: list[list[str]], args: argparse.Namespace) -> dict[str, Any]:
+    """Tree memory when ready, at the peak of a bounded load, and at rest after it."""
+    from bentos.loadgen import load
+
+    pid = srv.process.pid
+    out: dict[str, Any] = {"ready": at_rest(pid)}
+    with Sampler(pid) as sampler:
+        result = load(f"{srv.url}/classify", payloads, requests=args.requests,
+                      concurrency=args.concurrency, time_budget_s=args.budget_s)
+    out.update(peak=sampler.peak, samples=sampler.samples, rest=at_rest(pid))
+    out["load"] = {k: v for k, v in result.summary().items()
+                   if k in ("requests", "texts_per_s", "statuses", "server_errors", "p50_ms",
+                            "p99_ms", "wall_s")}
+    return out
+
+
+def floor(payloads: list[list[str]], args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`moments` of BentoML's own processes serving no model."""
+    import tempfile
+
+    from bentos.server import serve_bento
+
+    with tempfile.TemporaryDirectory(prefix="maas-floor-") as tmp:
+        Path(tmp, "floor_service.py").write_text(FLOOR_SERVICE.format(workers=args.workers))
+        with serve_bento("floor_service:Floor", cwd=tmp) as srv:
+            return moments(srv, payloads, args)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bentos import BentoSettings, build_bento
-    from bentos.loadgen import load
     from bentos.machine import describe
     from bentos.server import serve_bento
 
@@ -111,18 +154,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": describe(), "model_uri": model_uri, "bento": built.bento_tag,
         "variant": built.variant, "runtime": built.runtime, "args": vars(args)}
+    report["floor"] = floor(payloads, args)
     with serve_bento(built.bento_tag) as srv:
-        pid = srv.process.pid
-        report["ready"] = at_rest(pid)
-        with Sampler(pid) as sampler:
-            result = load(f"{srv.url}/classify", payloads, requests=args.requests,
-                          concurrency=args.concurrency, time_budget_s=args.budget_s)
-        report["peak"] = sampler.peak
-        report["samples"] = sampler.samples
-        report["rest"] = at_rest(pid)
-        report["load"] = {k: v for k, v in result.summary().items()
-                          if k in ("requests", "texts_per_s", "statuses", "server_errors",
-                                   "p50_ms", "p99_ms", "wall_s")}
+        report.update(moments(srv, payloads, args))
     report["target"] = {"rss_mib_max": args.target_mib,
                         "met_at_rest": report["rest"]["rss"] <= args.target_mib,
                         "met_at_peak": report["peak"]["rss"] <= args.target_mib}
@@ -137,10 +171,11 @@ def table(report: dict[str, Any]) -> str:
              f"{m.get('threads')} threads",
              "| moment | RSS MiB | PSS MiB | USS MiB | RSS per process (supervisor, workers) |",
              "|---|---:|---:|---:|---|"]
-    for moment in ("ready", "peak", "rest"):
-        r = report[moment]
-        lines.append(f"| {moment} | {r['rss']} | {r['pss']} | {r['uss']} | "
-                     f"{' / '.join(str(x) for x in r['processes'])} |")
+    for who, src in (("bento", report), ("BentoML floor, no model", report["floor"])):
+        for moment in ("ready", "peak", "rest"):
+            r = src[moment]
+            lines.append(f"| {who}: {moment} | {r['rss']} | {r['pss']} | {r['uss']} | "
+                         f"{' / '.join(str(x) for x in r['processes'])} |")
     ld = report["load"]
     lines.append(f"load: {ld['requests']} requests, {ld['texts_per_s']} texts/s, statuses "
                  f"{ld['statuses']}; target RSS <= {report['target']['rss_mib_max']} MiB: "

@@ -78,8 +78,10 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float,
 def serve_bento(bento_tag: str, *, host: str = "127.0.0.1", port: int | None = None,
                 bentoml_home: str | os.PathLike | None = None,
                 env: dict[str, str] | None = None, startup_timeout_s: float = 120.0,
-                log_path: str | os.PathLike | None = None) -> Iterator[RunningServer]:
-    """``bentoml serve bento_tag`` on ``host:port`` until the block ends."""
+                log_path: str | os.PathLike | None = None,
+                cwd: str | os.PathLike | None = None) -> Iterator[RunningServer]:
+    """``bentoml serve bento_tag`` on ``host:port`` until the block ends. ``bento_tag`` may
+    also be a service import path (``module:Class``) found in ``cwd``."""
     port = port or free_port(host)
     child_env = {**os.environ, **QUIET_ENV, **(env or {})}
     if bentoml_home is not None:
@@ -94,7 +96,7 @@ def serve_bento(bento_tag: str, *, host: str = "127.0.0.1", port: int | None = N
             [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", host,
              "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
-            start_new_session=True, cwd=tempfile.gettempdir())
+            start_new_session=True, cwd=str(cwd or tempfile.gettempdir()))
         try:
             url = f"http://{host}:{port}"
             wait_ready(url, proc, startup_timeout_s, log_path)
