@@ -1,6 +1,7 @@
 """A bounded load on a running bento, and what it cost: texts/s, latency percentiles, statuses,
 the mean model batch (``maas_classify_batch_texts``) and the CPU seconds the server's process
-tree and the load generator each spent (their own counters). Used by ``benchmarks/serving.py``.
+tree and the load generator each spent (their own counters); the tree's memory. Used by
+``benchmarks/serving.py``, ``serving_memory.py`` and ``images.py``.
 """
 
 from __future__ import annotations
@@ -11,22 +12,45 @@ import os
 import time
 from typing import Any
 
+MIB = 1024 * 1024
+
+
+def process_tree(pid: int) -> list:
+    """``psutil.Process`` of ``pid`` and of all its descendants (none once it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of process ``pid`` and all its descendants."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
     total = 0.0
-    for p in procs:
+    for p in process_tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess):
             t = p.cpu_times()
             total += t.user + t.system
     return total
+
+
+def tree_memory(pid: int) -> dict[str, Any]:
+    """RSS, USS and PSS (MiB) of ``pid`` and its descendants, and each process's RSS."""
+    import psutil
+
+    total = {"rss": 0.0, "uss": 0.0, "pss": 0.0}
+    each = []
+    for p in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            m = p.memory_full_info()
+            for key in total:
+                total[key] += getattr(m, key) / MIB
+            each.append(round(m.rss / MIB, 1))
+    return {**{k: round(v, 1) for k, v in total.items()}, "processes": each}
 
 
 def wait_idle(pid: int, quiet_s: float = 0.2, limit_s: float = 15.0) -> float:

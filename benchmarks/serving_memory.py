@@ -11,8 +11,8 @@ adds to what BentoML itself holds.
 
 Three moments: ``ready`` (``/readyz`` answered), ``peak`` (the highest sample while a bounded
 load of SST-2 test texts runs: ``--requests`` requests of ``--texts-per-request`` texts at
-``--concurrency``, on 127.0.0.1) and ``rest`` (the load over and no request in flight, once two
-samples 0.5 s apart agree within 1 MiB, at most 10 s). RSS counts a page shared by several
+``--concurrency``, on 127.0.0.1) and ``rest`` (the load over and the tree idle:
+``serving_drive.wait_idle``). RSS counts a page shared by several
 processes (the Python runtime, shared libraries) once per process, PSS splits it between them,
 USS counts only what one process alone holds. Writes
 ``benchmarks/results/serving-memory-<UTC time>.json`` and prints a table.
@@ -21,12 +21,10 @@ USS counts only what one process alone holds. Writes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,28 +34,7 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 from benchmarks.serving import default_model_uri, read_tsv  # noqa: E402
-
-MIB = 1024 * 1024
-
-
-def tree_memory(pid: int) -> dict[str, Any]:
-    """RSS, USS and PSS (MiB) of ``pid`` and its descendants, and each process's RSS."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {"rss": 0.0, "uss": 0.0, "pss": 0.0, "processes": []}
-    total = {"rss": 0.0, "uss": 0.0, "pss": 0.0}
-    each = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            m = p.memory_full_info()
-            for key in total:
-                total[key] += getattr(m, key) / MIB
-            each.append(round(m.rss / MIB, 1))
-    return {**{k: round(v, 1) for k, v in total.items()}, "processes": each}
+from benchmarks.serving_drive import tree_memory, wait_idle  # noqa: E402
 
 
 class Sampler:
@@ -86,18 +63,10 @@ class Sampler:
         self._thread.join()
 
 
-def at_rest(pid: int, settle_s: float = 0.5, limit_s: float = 10.0) -> dict[str, Any]:
-    """Tree memory once two readings ``settle_s`` apart agree within 1 MiB (or after
-    ``limit_s``)."""
-    deadline = time.monotonic() + limit_s
-    last = tree_memory(pid)
-    while time.monotonic() < deadline:
-        time.sleep(settle_s)
-        now = tree_memory(pid)
-        if abs(now["rss"] - last["rss"]) <= 1.0:
-            return now
-        last = now
-    return last
+def at_rest(pid: int) -> dict[str, Any]:
+    """Tree memory once the tree is idle (no request in flight, at most 15 s)."""
+    wait_idle(pid)
+    return tree_memory(pid)
 
 
 #: the floor: a BentoML service with no model, one API, ``workers`` worker processes

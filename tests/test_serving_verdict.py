@@ -1,7 +1,7 @@
 """benchmarks/serving.py's verdict: from interleaved rounds of the in-process limit and the served
 rate, the medians and their spread, served over the machine limit and ``cpu_ratio`` (server over
 in-process CPU ms per text), with the targets they are held to (pure, table tests); and
-benchmarks/serving_memory.py's process-tree sum, on real processes."""
+the process-tree memory sum serving_memory.py samples, on real processes."""
 
 from __future__ import annotations
 
@@ -73,13 +73,14 @@ def test_a_5xx_anywhere_fails_the_zero_5xx_target():
 
 
 def test_serving_memory_counts_the_whole_process_tree():
-    """benchmarks/serving_memory.py sums RSS/PSS/USS over a process and its children: a child
-    holding 64 MiB shows up in the tree's total and in its own per-process entry."""
+    """serving_drive.tree_memory (what serving_memory.py samples) sums RSS/PSS/USS over a
+    process and its children: a child holding 64 MiB shows up in the tree's total and in its
+    own per-process entry."""
     import subprocess
     import sys
 
-    spec = importlib.util.spec_from_file_location("serving_memory",
-                                                  REPO / "benchmarks" / "serving_memory.py")
+    spec = importlib.util.spec_from_file_location("serving_drive",
+                                                  REPO / "benchmarks" / "serving_drive.py")
     mem = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mem)
     hold = "b = bytearray(64 * 1024 * 1024); import sys; sys.stdout.write('ready\\n'); " \
