@@ -96,3 +96,22 @@ def test_every_public_registry_name_survives_its_modules_being_imported_first():
         importlib.import_module(f"registry.{mod.name}")
     shadowed = [n for n in registry.__all__ if isinstance(getattr(registry, n), types.ModuleType)]
     assert not shadowed, shadowed
+
+
+def test_a_wheel_carries_every_package_and_service_requirements():
+    """What ``pip install .`` (not editable) packs: every folder of the four installed layers
+    that has an ``__init__.py`` is a package, and every service folder's requirements files go
+    with it (the bento build reads them)."""
+    import tomllib
+    from setuptools import find_packages
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"]
+    found = set(find_packages(where=str(ROOT), include=cfg["packages"]["find"]["include"]))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for layer in ("pipelines", "registry", "bentos", "validation")
+               for p in (ROOT / layer).rglob("__init__.py") if "__pycache__" not in p.parts}
+    assert on_disk and on_disk <= found, sorted(on_disk - found)
+    data = cfg["package-data"]
+    for req in (ROOT / "bentos").glob("*/requirements*.txt"):
+        package = f"bentos.{req.parent.name}"
+        assert "requirements*.txt" in data.get(package, []), package
