@@ -46,8 +46,8 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from benchmarks.serving import cores  # noqa: E402
 from benchmarks.serving_drive import tree_cpu_s  # noqa: E402
+from bentos.runtimes import cpu_cores as cores  # noqa: E402
 
 VARIANTS = ("fp32", "onnx", "onnx-int8")
 ONE_THREAD = "fp32 [1 thread]"  # not a variant: fp32 on one torch thread

@@ -56,6 +56,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE
     os.environ.setdefault(_k, _v)
 
 from benchmarks.serving_drive import drive  # noqa: E402
+from bentos.runtimes import cpu_cores as cores  # noqa: E402
 
 
 def _cpu() -> dict:
@@ -81,13 +82,6 @@ def default_model_uri() -> str:
 
     cfg = yaml.safe_load(DEFAULT_PIPELINE.read_text("utf-8"))
     return f"models:/{cfg['registry']['model_name']}@champion"
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # -- the machine limit, measured as the pipeline measures a variant --------------------------
