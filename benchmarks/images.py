@@ -91,8 +91,7 @@ def variants(cfg, uri: str, work: Path) -> dict[str, Any]:
         one = built[ONE_THREAD] = comp.try_build(builder, "fp32")
         one.name, one.clf = ONE_THREAD, OneThread(one.clf)
     out = comp.measure_and_choose(cfg, data, built, lambda p: family.metrics(
-        truth, p, model, names, data=data).metrics, builder.threads,
-        inputs=family.inputs(data.test), unit=family.unit)
+        truth, p, model, names, data=data).metrics, builder.threads, family)
     table = {}
     for n, v in out.variants.items():
         if v.error:

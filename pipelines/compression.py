@@ -92,10 +92,7 @@ def compress(cfg, data, model, family, evaluate: Callable[[Any], dict[str, float
             variants[n] = (try_build(comp, n) if n in family.variants else Variant(
                 n, error=f"the {type(family).__name__} family builds no variant {n!r} "
                          f"(it builds {list(family.variants)})"))
-        outcome = measure_and_choose(cfg, data, variants, evaluate, comp.threads,
-                                     inputs=family.inputs(data.test),
-                                     agreement=family.agreement, floors=family.variant_floors,
-                                     unit=family.unit)
+        outcome = measure_and_choose(cfg, data, variants, evaluate, comp.threads, family)
         for v in variants.values():
             _log_variant(v, outcome, comp, labels)
     return outcome
@@ -120,36 +117,33 @@ def builder(cfg, data, model, tokenizer, workdir: Path):
 
 def measure_and_choose(cfg, data, variants: dict[str, Variant],
                        evaluate: Callable[[Any], dict[str, float]], threads: int,
-                       inputs: list[Any] | None = None,
-                       agreement: Callable[[Any, Any], dict[str, float]] | None = None,
-                       floors: dict[str, float] | None = None, unit: str = "texts") -> Outcome:
-    """Measure the built variants side by side on the test set (``inputs``: the family's inputs
-    of ``data.test``, looked up when None) and apply the variant gate. ``agreement(outputs,
-    fp32_outputs)`` and ``floors``: the family's (``Family.agreement`` / ``variant_floors``;
-    None: a classifier's argmax agreement, no floor); ``unit``: what the speed figures count
-    (``Family.unit``), for the table and the gate's reason."""
+                       family=None) -> Outcome:
+    """Measure the built variants side by side on the family's inputs of the test set and apply
+    the variant gate, with the family's ``agreement`` figures, ``variant_floors`` and ``unit``
+    (``family``: the pipeline's, loaded from ``cfg`` when None)."""
     from registry import choose_variant
 
     comp = cfg.compression
     if variants[REFERENCE].error:
         raise RuntimeError(f"the fp32 reference could not be measured: "
                            f"{variants[REFERENCE].error}")
-    if inputs is None:
+    if family is None:
         from pipelines.families import load_family
 
-        inputs = load_family(cfg).inputs(data.test)
+        family = load_family(cfg)
     ok = {n: v for n, v in variants.items() if not v.error}
-    measured = measure({n: v.clf for n, v in ok.items()}, inputs,
+    measured = measure({n: v.clf for n, v in ok.items()}, family.inputs(data.test),
                        threads=threads, rounds=comp.speed_rounds,
                        latency_samples=comp.latency_samples)
     ref = measured[REFERENCE].probs
     for n, v in ok.items():
         v.figures = figures(measured[n], ref, evaluate(measured[n].probs),
-                            agreement(measured[n].probs, ref) if agreement else None)
+                            family.agreement(measured[n].probs, ref))
         v.figures.update(size_mb=v.size_mb, params=v.params)
     choice = choose_variant({n: v.figures for n, v in ok.items()}, cfg.promotion.metric,
-                            comp.max_accuracy_drop, floors=dict(floors or {}), unit=unit)
-    return Outcome(variants, choice, cfg.promotion.metric, comp.max_accuracy_drop, unit)
+                            comp.max_accuracy_drop, floors=dict(family.variant_floors),
+                            unit=family.unit)
+    return Outcome(variants, choice, cfg.promotion.metric, comp.max_accuracy_drop, family.unit)
 
 
 def try_build(builder: Compressor, name: str) -> Variant:
