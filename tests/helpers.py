@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -222,6 +224,29 @@ def free_port() -> int:
     from bentos.server import free_port as product_free_port
 
     return product_free_port("127.0.0.1")
+
+
+class QuietJSONHandler(http.server.BaseHTTPRequestHandler):
+    """Base of the tests' small HTTP peers on 127.0.0.1: no access log, JSON answers."""
+
+    def answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def local_http_server(handler: type[http.server.BaseHTTPRequestHandler],
+                      ) -> http.server.ThreadingHTTPServer:
+    """``handler`` served on 127.0.0.1 (a free port: ``.server_address[1]``) by a daemon thread;
+    ``shutdown()`` then ``server_close()`` end it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def restore_env(saved: dict[str, str | None]) -> None:

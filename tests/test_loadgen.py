@@ -4,11 +4,11 @@ generator spends is its own process's counter."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import threading
 
 import pytest
+from helpers import QuietJSONHandler, local_http_server
 
 from bentos.loadgen import load
 from bentos.server import free_port
@@ -19,31 +19,21 @@ def echo_server():
     """A threaded HTTP server that answers /classify like the text service (one positive
     prediction per text) and /slow after 0.2 s."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietJSONHandler):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self):  # noqa: N802 (http.server's name)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path == "/slow":
                 threading.Event().wait(0.2)
-            out = json.dumps([{"label": "positive",
-                               "probabilities": {"negative": 0.1, "positive": 0.9}}
-                              for _ in body["texts"]]).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+            self.answer(200, json.dumps([{"label": "positive",
+                                          "probabilities": {"negative": 0.1, "positive": 0.9}}
+                                         for _ in body["texts"]]).encode())
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = local_http_server(Handler)
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-    thread.join()
+    server.server_close()
 
 
 def test_every_request_answered_and_checked(echo_server):

@@ -18,12 +18,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import QuietJSONHandler, local_http_server
 
 from bentos.webhook import (
     DELIVERY_ID_HEADER,
@@ -322,29 +322,19 @@ class Relay:
     (path, headers, body, status), so a real MLflow delivery can be replayed byte for byte."""
 
     def __init__(self, target_port: int):
-        import http.server
-
         relay, self.seen = self, []
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietJSONHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() == "content-type" or k.lower().startswith("x-mlflow-")}
                 status, answer = _post(target_port, self.path, headers, body)
                 relay.seen.append((self.path, headers, body, status))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
+                self.answer(status, answer)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = local_http_server(Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
