@@ -24,8 +24,9 @@ Sections (all on 127.0.0.1; every load is bounded in requests and time):
 
 The load generator: ``wrk`` when installed, else ``bentos.loadgen`` (aiohttp, one keep-alive
 connection per concurrent client, bodies encoded once); ``--texts-per-request`` texts per
-request, default 1. In-process rounds start once the server is idle (``wrk`` stops with
-requests in flight). Writes ``benchmarks/results/serving-<UTC time>.json`` and prints a table.
+request, default 1. Every load returns once the server is idle (``wrk`` stops with requests
+in flight), so the next measurement starts clean. Writes
+``benchmarks/results/serving-<UTC time>.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -180,14 +181,10 @@ def search(model_uri: str, args, workdir: Path, payloads) -> dict[str, Any]:
 
 
 def side_by_side(limit: InProcess, srv, payloads, args) -> list[dict[str, Any]]:
-    """``--rounds`` interleaved rounds: the in-process limit (once the server is idle), then the
-    served rate at c=32."""
-    from benchmarks.serving_drive import wait_idle
-
+    """``--rounds`` interleaved rounds: the in-process limit, then the served rate at c=32."""
     rounds = []
     for r in range(args.rounds):
-        wait_idle(srv.process.pid)  # the last load's requests in flight would share the cores
-        lim = limit.round()
+        lim = limit.round()  # drive() returned with the server idle
         served_r = drive(srv, payloads, args.requests, 32, args.budget_s, args.loadgen,
                          args.duration_s)
         rounds.append({"limit": lim, "served": served_r})

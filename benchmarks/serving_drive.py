@@ -84,11 +84,14 @@ def batch_metric(url: str) -> tuple[float, float]:
 def drive(srv, payloads: list[list[str]], requests: int, concurrency: int,
           budget_s: float, loadgen: str = "python", duration_s: float = 15.0) -> dict[str, Any]:
     """One bounded load on the server: ``wrk`` for ``duration_s`` seconds, or the Python
-    generator for ``requests`` requests (capped at ``budget_s``)."""
+    generator for ``requests`` requests (capped at ``budget_s``). Returns once the server is
+    idle again: ``wrk`` stops with requests in flight, and what the server still does for them
+    would share the cores with whatever is measured next."""
     s0, n0 = batch_metric(srv.url)
     cpu0 = tree_cpu_s(srv.process.pid)
     out = _load(srv.url, payloads, requests, concurrency, budget_s, loadgen, duration_s)
     server_cpu = tree_cpu_s(srv.process.pid) - cpu0
+    wait_idle(srv.process.pid)
     s1, n1 = batch_metric(srv.url)
     wall, texts_ok = out["wall_s"], out.pop("texts_ok")
     out.update(loadavg=os.getloadavg()[0],
