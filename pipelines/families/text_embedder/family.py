@@ -64,8 +64,9 @@ class TextEmbedder(Family):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        # the training split embedded by the last model state scored: (stamp, fingerprint, rows)
-        self._index: tuple[str, str, np.ndarray] | None = None
+        # the training split embedded by the last model state scored: (stamp, split, rows); the
+        # split itself is kept, so another split (even of the same file) never reuses it
+        self._index: tuple[str, Any, np.ndarray] | None = None
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, path: Path, role: str):
@@ -180,11 +181,11 @@ class TextEmbedder(Family):
     def index(self, model: EmbedModel, data) -> tuple[np.ndarray, list[str]]:
         """The retrieval index of every score: ``data``'s training split (labelled texts)
         embedded by ``model``, computed once per model state and split."""
-        key = (model.stamp, data.fingerprint)
-        if self._index is None or self._index[:2] != key:
-            self._index = (*key, embed(model, data.train.text.tolist(),
-                                       self.cfg.model.eval_batch_size))
-        return self._index[2], data.names(data.train)
+        cached = self._index
+        if cached is None or cached[0] != model.stamp or cached[1] is not data:
+            self._index = cached = (model.stamp, data, embed(model, data.train.text.tolist(),
+                                                             self.cfg.model.eval_batch_size))
+        return cached[2], data.names(data.train)
 
     def agreement(self, outputs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         return retrieval.agreement(outputs, reference)
